@@ -1,0 +1,13 @@
+"""apnumba: arbitrary-precision neural networks on NVIDIA binary tensor cores, in pure-Python numba-cuda."""
+
+from .device import AccumulatorOverflowError, NoGPUError, UnsupportedGPUError, gpu_available
+from .kernels.apmm import TileConfig
+from .matmul import apmm, matmul
+from .packed import PackedTensor
+from .precision import Encoding, Precision, dequantize, parse_wa, quantize
+
+__all__ = [
+    "AccumulatorOverflowError", "Encoding", "NoGPUError", "PackedTensor", "Precision", "TileConfig",
+    "UnsupportedGPUError", "apmm", "dequantize", "gpu_available", "matmul", "parse_wa", "quantize",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,358 @@
+"""APMM: Y[m, n] = sum_k W[m, k] X[n, k] for p-bit W and q-bit X on binary tensor cores.
+
+The emulation (``apnumba.reference`` derives it)::
+
+    Y = sum_{j<p, i<q} cw_j cx_i popc(W_j AND X_i)  +  c_sw SW[m] + c_sx SX[n] + c_const
+
+(SW, SX: row sums of the codes; the c_ terms are zero unless an encoding is
+binary or a zero point is set - ``apnumba.reference.correction_terms``.)
+
+Every plane pair is one b1 ``mma.sync m16n8k256 .and.popc`` per 256 bits of K.
+One thread block computes every plane pair of its output tile in a single pass
+over K (APNN-TC's bit-plane batching); plane products live in registers and are
+combined there, in the epilogue, with the plane weights.
+
+Tiles (``TileConfig``; m runs over W rows, n over X rows; "real" sizes, planes on top)::
+
+                        BLOCK_N = warps_n * 8 * nt
+                   +-----------+-----------+
+                   | warp(0,0) | warp(0,1) |    each warp: mt x nt tiles of m16 x n8,
+        BLOCK_M    +-----------+-----------+    for each of its (pg x q) plane pairs:
+   = warps_m*16*mt | warp(1,0) | warp(1,1) |    pg*q*mt*nt accumulators of 4 int32 per lane
+                   +-----------+-----------+
+
+``warps_k`` > 1 splits K inside the block: warp group kg takes k-step kg of
+every stage, and the groups' sums meet in the output tile.
+
+Shared memory, one stage (warps_k k-steps of 256 bits), ``stages`` deep (a cp.async ring)::
+
+    for each k-step s < warps_k:
+        A: [plane p < pg][row r < BLOCK_M][2 x 16-byte chunks]    then
+        B: [plane i < q ][row r < BLOCK_N][2 x 16-byte chunks]
+    chunk c of row r sits at position c ^ ((r >> 2) & 1): the 8 rows an ldmatrix
+    phase reads then hit 8 distinct 4-bank groups (no bank conflicts).
+
+Global memory: the packed layout (``words[plane, row, word]``, rows of kwords,
+kwords a multiple of 8).  A 16-byte copy past the last row is zero-filled
+(cp.async src-size 0), so ragged M and N need no padding; K is padded by the layout.
+
+Per k-step a warp loads its fragments with ``ldmatrix`` (x4: one A m16 tile, or
+two B n8 tiles) and issues pg*q*mt*nt independent mma.  ``plane_group`` (pg)
+splits p weight planes into p/pg passes over K when all pairs at once would
+need too many registers (w8a8): each pass folds its pairs into the output
+accumulators before the next starts.
+
+Epilogue, in two steps.  (1) In registers, each lane combines its plane pairs
+with the weights cw_j * cx_i and writes the int32 sums into an output tile in
+shared memory ([BLOCK_M][BLOCK_N + 8], over the drained stages).  (2) The
+block walks that tile along the output's contiguous axis: binary-encoding
+corrections (c_sw, c_sx, c_const), then int32, or float32 ``fadd_rn(fmul_rn(y, scale[m]), bias[m])``
+(two roundings, as numpy does them, never an FMA), ragged edges masked.  Step
+(2) is where fused epilogues (requantize, pack, ReLU, residual) plug in.
+"""
+
+from dataclasses import dataclass
+import functools
+
+from numba import cuda, float32, int32, int64, uint32
+
+from .ptx import (
+    cp_async_16,
+    cp_async_commit,
+    cp_async_wait,
+    f32_add_rn,
+    f32_mul_rn,
+    ld_shared,
+    ldmatrix_x2,
+    ldmatrix_x4,
+    mma_m16n8k256_and,
+    st_shared_v2,
+)
+
+K_STEP_WORDS = 8  # 256 bits: one m16n8k256 k-step
+MAX_THREADS = 512
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    """How a thread block tiles the output (sizes in real rows and columns, planes on top)."""
+
+    warps_m: int = 2
+    warps_n: int = 2
+    mt: int = 4  # m16 tiles per warp
+    nt: int = 8  # n8 tiles per warp
+    stages: int = 4
+    plane_group: int = 0  # weight planes per pass over K; 0 = all of them
+    warps_k: int = 1  # warp groups splitting each stage's k-steps
+
+    def __post_init__(self):
+        for name in ("warps_m", "warps_n", "mt", "nt", "warps_k"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: expected >= 1, got {getattr(self, name)}")
+        if self.stages < 2:
+            raise ValueError(f"stages: expected >= 2, got {self.stages}")
+        if self.threads > MAX_THREADS:
+            raise ValueError(f"warps: {self.threads} threads per block, at most {MAX_THREADS}")
+
+    @property
+    def block_m(self):
+        return self.warps_m * 16 * self.mt
+
+    @property
+    def block_n(self):
+        return self.warps_n * 8 * self.nt
+
+    @property
+    def threads(self):
+        return 32 * self.warps_m * self.warps_n * self.warps_k
+
+    def group(self, p):
+        g = self.plane_group or p
+        if p % g:
+            raise ValueError(f"plane_group: {g} does not divide {p} weight planes")
+        return g
+
+    def passes(self, p):
+        return p // self.group(p)
+
+    def stage_words(self, p, q):
+        return self.warps_k * (self.group(p) * self.block_m + q * self.block_n) * K_STEP_WORDS
+
+    def shared_bytes(self, p, q):
+        """Dynamic shared memory: the stages, and the int32 output tile (over them when there is one pass)."""
+        stages = self.stages * self.stage_words(p, q)
+        tile = self.block_m * (self.block_n + 8)
+        return 4 * (max(stages, tile) if self.passes(p) == 1 else stages + tile)
+
+    def mma_per_step(self, p, q):
+        """Independent mma a warp issues per 256-bit k-step (its accumulators: 4 registers each)."""
+        return self.group(p) * q * self.mt * self.nt
+
+    def short(self):
+        extra = (f"g{self.plane_group}" if self.plane_group else "") + (f"k{self.warps_k}" if self.warps_k > 1 else "")
+        return f"{self.warps_m}x{self.warps_n}w{self.mt}x{self.nt}t{self.stages}s{extra}"
+
+
+@functools.lru_cache(maxsize=None)
+def apmm_kernel(p, q, config, out_float):
+    """The APMM kernel specialised for p weight planes, q activation planes, a TileConfig and the output type.
+
+    Launch: grid (ceil(N / block_n), ceil(M / block_m)), block (config.threads,),
+    dynamic shared memory config.shared_bytes(p, q).
+    """
+    PG = config.group(p)
+    PASSES = config.passes(p)
+    Q = q
+    WM, WN, WK = config.warps_m, config.warps_n, config.warps_k
+    MT, NT, STAGES = config.mt, config.nt, config.stages
+    BM, BN, THREADS = config.block_m, config.block_n, config.threads
+    A_ROWS, B_ROWS = PG * BM, Q * BN  # 32-byte rows per k-step
+    STEP_WORDS = (A_ROWS + B_ROWS) * K_STEP_WORDS  # one k-step of A and B
+    STAGE_WORDS = WK * STEP_WORDS
+    A_CHUNKS, B_CHUNKS = 2 * A_ROWS, 2 * B_ROWS  # 16-byte copies per k-step
+    A_COPIES = -(-WK * A_CHUNKS // THREADS)
+    B_COPIES = -(-WK * B_CHUNKS // THREADS)
+    NT_PAIRS, NT_ODD = NT // 2, NT % 2
+    TILE_LD = BN + 8  # int32 row stride of the output tile: 64-bit fragment stores are conflict-free
+    TILE_BASE = 0 if PASSES == 1 else STAGES * STAGE_WORDS
+    SUMS_IN_TILE = PASSES > 1 or WK > 1  # several partial sums meet in the tile
+    OUT_FLOAT = bool(out_float)
+    wait_for_stage = cp_async_wait(STAGES - 2)
+    wait_all = cp_async_wait(0)
+    assert config.shared_bytes(p, q) == 4 * max(STAGES * STAGE_WORDS, TILE_BASE + BM * TILE_LD)
+
+    @cuda.jit(device=True, inline="always")
+    def swizzle(row, chunk):
+        """Word offset of 16-byte chunk ``chunk`` of 32-byte row ``row`` (bank-conflict-free for ldmatrix)."""
+        return row * K_STEP_WORDS + ((chunk ^ ((row >> 2) & 1)) << 2)
+
+    @cuda.jit(device=True, inline="always")
+    def plan_copies(chunk, planes, rows_per_plane, rows, row0, kwords, dst_base):
+        """Copy number ``chunk`` of a k-tile: (src word offset, dst word offset, k-step, bytes)."""
+        per_step = 2 * planes * rows_per_plane
+        step = chunk // per_step
+        rest = chunk - step * per_step
+        plane = rest // (2 * rows_per_plane)
+        row = (rest >> 1) - plane * rows_per_plane
+        half = rest & 1
+        src = (int64(plane) * rows + min(row0 + row, rows - 1)) * kwords + step * K_STEP_WORDS + half * 4
+        dst = step * STEP_WORDS + dst_base + swizzle(plane * rows_per_plane + row, half)
+        return src, dst, step, (16 if row0 + row < rows else 0)
+
+    @cuda.jit(device=True, inline="always")
+    def load_stage(smem, stage, kt, k_steps, a_words, b_words, a_pass,
+                   a_src, a_dst, a_step, a_bytes, b_src, b_dst, b_step, b_bytes):
+        """Issue this thread's cp.async copies of k-tile ``kt`` (WK k-steps) into ``stage``."""
+        base = stage * STAGE_WORDS
+        step0 = kt * WK
+        for c in range(A_COPIES):
+            if a_dst[c] >= 0:
+                live = step0 + a_step[c] < k_steps
+                src = a_pass + a_src[c] + step0 * K_STEP_WORDS if live else int64(0)
+                cp_async_16(smem, base + a_dst[c], a_words, src, a_bytes[c] if live else 0)
+        for c in range(B_COPIES):
+            if b_dst[c] >= 0:
+                live = step0 + b_step[c] < k_steps
+                src = b_src[c] + step0 * K_STEP_WORDS if live else int64(0)
+                cp_async_16(smem, base + b_dst[c], b_words, src, b_bytes[c] if live else 0)
+
+    def apmm(a_words, b_words, M, N, kwords, coef_w, coef_x, c_sw, c_sx, c_const,
+             sum_w, sum_x, scale, bias, y, y_stride_m, y_stride_n):
+        smem = cuda.shared.array(0, uint32)  # dynamic: config.shared_bytes(p, q), given at launch
+        tid = cuda.threadIdx.x
+        lane = tid & 31
+        warp = tid >> 5
+        warp_m = warp % WM
+        warp_n = (warp // WM) % WN
+        warp_k = warp // (WM * WN)
+        m0 = cuda.blockIdx.y * BM
+        n0 = cuda.blockIdx.x * BN
+        k_steps = kwords // K_STEP_WORDS
+        k_tiles = (k_steps + WK - 1) // WK
+
+        # Copy plan: the 16-byte chunks this thread moves every k-tile (the same ones each time).
+        a_src = cuda.local.array(A_COPIES, int64)
+        a_dst = cuda.local.array(A_COPIES, int32)
+        a_step = cuda.local.array(A_COPIES, int32)
+        a_bytes = cuda.local.array(A_COPIES, int32)
+        for c in range(A_COPIES):
+            chunk = c * THREADS + tid
+            a_src[c], a_dst[c], a_step[c], a_bytes[c] = plan_copies(chunk, PG, BM, M, m0, kwords, 0)
+            if chunk >= WK * A_CHUNKS:
+                a_dst[c] = -1
+        b_src = cuda.local.array(B_COPIES, int64)
+        b_dst = cuda.local.array(B_COPIES, int32)
+        b_step = cuda.local.array(B_COPIES, int32)
+        b_bytes = cuda.local.array(B_COPIES, int32)
+        for c in range(B_COPIES):
+            chunk = c * THREADS + tid
+            b_src[c], b_dst[c], b_step[c], b_bytes[c] = plan_copies(chunk, Q, BN, N, n0, kwords, A_ROWS * K_STEP_WORDS)
+            if chunk >= WK * B_CHUNKS:
+                b_dst[c] = -1
+
+        # ldmatrix lane addresses in this warp's k-step: A (plane 0, m-tile 0), B pair (plane 0, n-tiles 0, 1).
+        step_base = warp_k * STEP_WORDS
+        a_lane = step_base + swizzle(warp_m * 16 * MT + (lane & 7) + 8 * ((lane >> 3) & 1), lane >> 4)
+        b_first = A_ROWS * K_STEP_WORDS + step_base
+        b_lane = b_first + swizzle(warp_n * 8 * NT + (lane & 7) + 8 * (lane >> 4), (lane >> 3) & 1)
+        b_lane_odd = b_first + swizzle(warp_n * 8 * NT + (NT - 1) * 8 + (lane & 7), (lane >> 3) & 1)
+
+        acc = cuda.local.array((PG, Q, MT, NT, 4), int32)
+        a_frag = cuda.local.array((PG, MT, 4), int32)
+        b_frag = cuda.local.array((Q, NT, 2), int32)
+        pair_coef = cuda.local.array((PG, Q), int32)
+        g = lane >> 2
+        t = lane & 3
+
+        for ps in range(PASSES):
+            for j in range(PG):
+                for i in range(Q):
+                    for mt in range(MT):
+                        for nt in range(NT):
+                            for e in range(4):
+                                acc[j, i, mt, nt, e] = 0
+            a_pass = int64(ps * PG) * M * kwords
+
+            for s in range(STAGES - 1):  # prologue: fill all stages but one
+                if s < k_tiles:
+                    load_stage(smem, s, s, k_steps, a_words, b_words, a_pass,
+                               a_src, a_dst, a_step, a_bytes, b_src, b_dst, b_step, b_bytes)
+                cp_async_commit()
+
+            for kt in range(k_tiles):
+                wait_for_stage()  # this thread's copies of k-tile kt have landed ...
+                cuda.syncthreads()  # ... everybody's too, and stage (kt - 1) % STAGES is free again
+                nxt = kt + STAGES - 1
+                if nxt < k_tiles:
+                    load_stage(smem, nxt % STAGES, nxt, k_steps, a_words, b_words, a_pass,
+                               a_src, a_dst, a_step, a_bytes, b_src, b_dst, b_step, b_bytes)
+                cp_async_commit()
+
+                base = (kt % STAGES) * STAGE_WORDS
+                for j in range(PG):
+                    for mt in range(MT):
+                        f = ldmatrix_x4(smem, base + a_lane + (j * BM + mt * 16) * K_STEP_WORDS)
+                        a_frag[j, mt, 0] = f[0]
+                        a_frag[j, mt, 1] = f[1]
+                        a_frag[j, mt, 2] = f[2]
+                        a_frag[j, mt, 3] = f[3]
+                for i in range(Q):
+                    for pair in range(NT_PAIRS):
+                        f = ldmatrix_x4(smem, base + b_lane + (i * BN + pair * 16) * K_STEP_WORDS)
+                        b_frag[i, 2 * pair, 0] = f[0]
+                        b_frag[i, 2 * pair, 1] = f[1]
+                        b_frag[i, 2 * pair + 1, 0] = f[2]
+                        b_frag[i, 2 * pair + 1, 1] = f[3]
+                    if NT_ODD:
+                        h = ldmatrix_x2(smem, base + b_lane_odd + i * BN * K_STEP_WORDS)
+                        b_frag[i, NT - 1, 0] = h[0]
+                        b_frag[i, NT - 1, 1] = h[1]
+                for j in range(PG):
+                    for i in range(Q):
+                        for mt in range(MT):
+                            for nt in range(NT):
+                                d = mma_m16n8k256_and(
+                                    a_frag[j, mt, 0], a_frag[j, mt, 1], a_frag[j, mt, 2], a_frag[j, mt, 3],
+                                    b_frag[i, nt, 0], b_frag[i, nt, 1],
+                                    acc[j, i, mt, nt, 0], acc[j, i, mt, nt, 1],
+                                    acc[j, i, mt, nt, 2], acc[j, i, mt, nt, 3],
+                                )
+                                acc[j, i, mt, nt, 0] = d[0]
+                                acc[j, i, mt, nt, 1] = d[1]
+                                acc[j, i, mt, nt, 2] = d[2]
+                                acc[j, i, mt, nt, 3] = d[3]
+
+            # Epilogue step 1: plane pairs weighted cw_j * cx_i -> the int32 output tile in shared
+            # memory.  With one pass it lies over the stages, so wait until every warp is done.
+            wait_all()
+            cuda.syncthreads()
+            for j in range(PG):
+                for i in range(Q):
+                    pair_coef[j, i] = coef_w[ps * PG + j] * coef_x[i]
+            for kg in range(WK):  # k-groups add their partial sums one after another
+                if warp_k == kg:
+                    for mt in range(MT):
+                        for nt in range(NT):
+                            at = TILE_BASE + (warp_m * 16 * MT + mt * 16 + g) * TILE_LD + warp_n * 8 * NT + nt * 8 + 2 * t
+                            for half in range(2):  # rows g and g + 8 of the m16n8 tile
+                                v0 = int32(0)
+                                v1 = int32(0)
+                                for j in range(PG):
+                                    for i in range(Q):
+                                        v0 += pair_coef[j, i] * acc[j, i, mt, nt, 2 * half]
+                                        v1 += pair_coef[j, i] * acc[j, i, mt, nt, 2 * half + 1]
+                                if SUMS_IN_TILE and (ps != 0 or kg != 0):
+                                    v0 += int32(ld_shared(smem, at + half * 8 * TILE_LD))
+                                    v1 += int32(ld_shared(smem, at + half * 8 * TILE_LD + 1))
+                                st_shared_v2(smem, at + half * 8 * TILE_LD, v0, v1)
+                if WK > 1:
+                    cuda.syncthreads()
+            cuda.syncthreads()
+
+        # Epilogue step 2: walk the tile along the output's contiguous axis, one element per
+        # thread at a time: binary-encoding corrections (c_sw, c_sx, c_const), then int32 or float32 out.
+        along_n = y_stride_n == 1
+        for idx in range(tid, BM * BN, THREADS):
+            if along_n:
+                r = idx // BN
+                c = idx - r * BN
+            else:
+                c = idx // BM
+                r = idx - c * BM
+            m = m0 + r
+            n = n0 + c
+            if m < M and n < N:
+                v = int32(ld_shared(smem, TILE_BASE + r * TILE_LD + c))
+                if c_sw != 0:
+                    v += c_sw * sum_w[m]
+                if c_sx != 0:
+                    v += c_sx * sum_x[n]
+                v += c_const
+                if OUT_FLOAT:
+                    y[m * y_stride_m + n * y_stride_n] = f32_add_rn(f32_mul_rn(float32(v), scale[m]), bias[m])
+                else:
+                    y[m * y_stride_m + n * y_stride_n] = v
+
+    apmm.__name__ = f"apmm_w{p}a{q}_{config.short()}_{'f32' if OUT_FLOAT else 'i32'}"
+    apmm.__qualname__ = apmm.__name__
+    return cuda.jit(apmm)

@@ -1,0 +1,109 @@
+"""Quantize floats and pack them into bit planes on the GPU; unpack again for tests.
+
+Layout written (``apnumba.reference`` documents it)::
+
+    words[plane, row, word]  uint32, shape (bits, rows, kwords), kwords a multiple of 8
+    bit i of words[j, r, w] = bit j of the code of x[r, 32 w + i]; zero beyond K
+
+``pack_rows_kernel`` - one warp per 256-bit chunk (8 words) of one row; grid
+(ceil(rows / WARPS_PER_BLOCK), kwords / 8), so no thread divides::
+
+    lane l, word w:  x[row, 32 w + l] --quantize--> code --> bit pattern
+                     ballot(bit j of pattern) for each plane j  ->  words[j, row, w]  (stored by lane j)
+    per warp:        sum of the chunk's codes (from the ballots' popcounts) -> one atomic add to rowsum[row]
+
+Loads are coalesced (a warp reads 128 consecutive bytes per word) and no thread
+ever writes single bits.  ``rowsum`` must be zeroed before the launch.
+The quantizer arithmetic is the reference's, operation for operation
+(IEEE float32 division, ``rint``, clamp), so codes match it bit for bit.
+"""
+
+from numba import cuda, float32, int32
+
+from .ptx import ballot, f32_div_rn, f32_rint, popc32
+
+WARPS_PER_BLOCK = 8
+CHUNK_WORDS = 8  # 256 bits: the K padding unit
+
+ENC_UNSIGNED, ENC_SIGNED, ENC_BINARY = 0, 1, 2
+
+
+@cuda.jit(device=True, inline="always")
+def plane_coef(j, bits, encoding):
+    """Weight of plane j (``apnumba.precision.Precision.coef``)."""
+    if encoding == ENC_BINARY:
+        return 2
+    c = int32(1) << j
+    if encoding == ENC_SIGNED and j == bits - 1:
+        c = -c
+    return c
+
+
+@cuda.jit(device=True, inline="always")
+def code_range(bits, encoding):
+    """(lo, hi) of the codes of a precision."""
+    if encoding == ENC_UNSIGNED:
+        return 0, (int32(1) << bits) - 1
+    if encoding == ENC_SIGNED:
+        return -(int32(1) << (bits - 1)), (int32(1) << (bits - 1)) - 1
+    return -1, 1
+
+
+@cuda.jit(device=True, inline="always")
+def quantize_pattern(v, s, zero_point, lo, hi, bits, encoding):
+    """float32 value -> the bit pattern of its code (the reference quantizer, step for step)."""
+    if encoding == ENC_BINARY:
+        return int32(1) if (v >= 0 or v != v) else int32(0)
+    t = f32_rint(f32_div_rn(v, s))
+    if t != t:
+        t = float32(0)
+    t = min(max(t, float32(lo - zero_point)), float32(hi - zero_point))
+    code = int32(t) + zero_point
+    return code & ((int32(1) << bits) - 1)
+
+
+@cuda.jit
+def pack_rows_kernel(x, rows, K, ld, scale, scale_step, zero_point, bits, encoding, words, kwords, rowsum):
+    """x: flat float32/float16 (rows x ld); scale: float32 per row (scale_step 1) or one value (0)."""
+    lane = cuda.threadIdx.x & 31
+    row = cuda.blockIdx.x * WARPS_PER_BLOCK + (cuda.threadIdx.x >> 5)
+    chunk = cuda.blockIdx.y
+    if row >= rows:
+        return  # whole warps leave together, so the ballots below stay convergent
+    s = float32(scale[row * scale_step])
+    lo, hi = code_range(bits, encoding)
+    offset = -1 if encoding == ENC_BINARY else 0
+    total = 0
+    for w in range(CHUNK_WORDS):
+        word = chunk * CHUNK_WORDS + w
+        k = word * 32 + lane
+        # Quantize unconditionally (a clamped, valid address) and mask after: no divergence before the ballots.
+        pattern = quantize_pattern(float32(x[row * ld + min(k, K - 1)]), s, zero_point, lo, hi, bits, encoding)
+        pattern = pattern if k < K else int32(0)
+        for j in range(bits):
+            plane_word = ballot((pattern >> j) & 1)
+            if lane == j:
+                words[(j * rows + row) * kwords + word] = plane_word
+            total += plane_coef(j, bits, encoding) * popc32(plane_word)
+        total += offset * popc32(ballot(k < K))
+    if lane == 0:
+        cuda.atomic.add(rowsum, row, total)
+
+
+@cuda.jit
+def unpack_rows_kernel(words, rows, K, kwords, bits, encoding, codes):
+    """codes[row * K + k] = the value whose planes are stored at (row, k); grid (ceil(K / threads), rows)."""
+    k = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
+    row = cuda.blockIdx.y
+    if k >= K:
+        return
+    i = row * K + k
+    word = k >> 5
+    bit = k & 31
+    v = int32(0)
+    for j in range(bits):
+        b = (words[(j * rows + row) * kwords + word] >> bit) & 1
+        v += plane_coef(j, bits, encoding) * int32(b)
+    if encoding == ENC_BINARY:
+        v -= 1
+    codes[i] = v

@@ -1,0 +1,353 @@
+"""PTX instructions the kernels need, one small named function each.
+
+On the GPU every function below is a numba intrinsic that emits one inline-PTX
+instruction (through ``llvmlite.ir.InlineAsm``).  Under the CUDA simulator
+(``NUMBA_ENABLE_CUDASIM=1``, read at import time) the same names are bound to
+Python fallbacks in :mod:`apnumba.kernels.simwarp` that compute the identical
+per-lane result, so a kernel runs unchanged in both worlds.
+
+Binary tensor-core products (PTX ISA, "mma" with ``.b1``)::
+
+    mma.sync.aligned.m16n8k256.row.col.s32.b1.b1.s32.and.popc
+        D[16 x 8] = popc(A[16 x 256 bits] AND B[256 bits x 8]) + C
+
+Fragments (``g = lane >> 2``, ``t = lane & 3``; a word is 32 consecutive bits
+of K, the same bit order in A and B)::
+
+    m16n8k256  a0 = A[g] word t     a1 = A[g+8] word t
+               a2 = A[g] word 4+t   a3 = A[g+8] word 4+t
+               b0 = B[:, g] word t  b1 = B[:, g] word 4+t
+               d0, d1 = D[g][2t], D[g][2t+1]    d2, d3 = D[g+8][2t], D[g+8][2t+1]
+    m8n8k128   a = A[g] word t      b = B[:, g] word t
+               d0, d1 = D[g][2t], D[g][2t+1]
+
+Why AND only: on sm_90 the ``.xor.popc`` form is not native - ptxas expands it
+into two AND BMMAs plus NOTs and it runs 6.5x slower (see
+``shared/notes/hopper-b1-and-numba.md``).  Every encoding apnumba supports is
+expressed with AND (``apnumba.reference`` writes the identities down); the XOR
+forms are here only so that tests and ``bench.py`` can show the difference.
+"""
+
+import functools
+
+from numba import config as _numba_config
+
+SIMULATOR = bool(_numba_config.ENABLE_CUDASIM)
+
+__all__ = [
+    "SIMULATOR",
+    "mma_m16n8k256_and",
+    "mma_m16n8k256_xor",
+    "mma_m8n8k128_and",
+    "mma_m8n8k128_xor",
+    "popc32",
+    "ldmatrix_x4",
+    "ldmatrix_x2",
+    "ld_shared",
+    "st_shared_v2",
+    "SHARED_ALIGN",
+    "cp_async_16",
+    "cp_async_commit",
+    "cp_async_wait",
+    "ballot",
+    "shfl_idx",
+    "f32_div_rn",
+    "f32_mul_rn",
+    "f32_add_rn",
+    "f32_rint",
+]
+
+# Alignment for shared arrays read by ldmatrix / written by cp.async (16 bytes at
+# least); the simulator's shared arrays take no alignment argument.
+SHARED_ALIGN = None if SIMULATOR else 128
+
+if SIMULATOR:
+    from .simwarp import (  # noqa: F401
+        mma_m16n8k256_and,
+        mma_m16n8k256_xor,
+        mma_m8n8k128_and,
+        mma_m8n8k128_xor,
+        popc32,
+        ldmatrix_x4,
+        ldmatrix_x2,
+        ld_shared,
+        st_shared_v2,
+        cp_async_16,
+        cp_async_commit,
+        cp_async_wait,
+        ballot,
+        shfl_idx,
+        f32_div_rn,
+        f32_mul_rn,
+        f32_add_rn,
+        f32_rint,
+    )
+else:
+    from llvmlite import ir
+    from numba import cuda, int32, types, uint32
+    from numba.cuda.extending import intrinsic
+
+    _i32 = ir.IntType(32)
+
+    def _as_i32(context, builder, sig, args):
+        return [context.cast(builder, v, t, types.int32) for v, t in zip(args, sig.args)]
+
+    def _mma_asm(shape, op, n_d, n_a, n_b):
+        """An InlineAsm node for one b1 mma: outputs d, inputs a, b, c (c as many as d)."""
+        ops = [f"${i}" for i in range(n_d + n_a + n_b + n_d)]
+        d, a = ops[:n_d], ops[n_d : n_d + n_a]
+        b, c = ops[n_d + n_a : n_d + n_a + n_b], ops[n_d + n_a + n_b :]
+        text = (
+            f"mma.sync.aligned.{shape}.row.col.s32.b1.b1.s32.{op}.popc "
+            f"{{{','.join(d)}}}, {{{','.join(a)}}}, {{{','.join(b)}}}, {{{','.join(c)}}};"
+        )
+        constraints = ",".join(["=r"] * n_d + ["r"] * (n_a + n_b + n_d))
+        ret = ir.LiteralStructType([_i32] * n_d)
+        fnty = ir.FunctionType(ret, [_i32] * (n_a + n_b + n_d))
+        return ir.InlineAsm(fnty, text, constraints, side_effect=False), n_d
+
+    def _emit_mma(shape, op, n_d, n_a, n_b):
+        asm, n_out = _mma_asm(shape, op, n_d, n_a, n_b)
+
+        def codegen(context, builder, sig, args):
+            res = builder.call(asm, _as_i32(context, builder, sig, args))
+            vals = [builder.extract_value(res, i) for i in range(n_out)]
+            return context.make_tuple(builder, sig.return_type, vals)
+
+        return codegen
+
+    def _make_m16n8k256(op):
+        codegen = _emit_mma("m16n8k256", op, 4, 4, 2)
+
+        @intrinsic
+        def mma_m16n8k256(typingctx, a0, a1, a2, a3, b0, b1, c0, c1, c2, c3):
+            sig = types.UniTuple(types.int32, 4)(a0, a1, a2, a3, b0, b1, c0, c1, c2, c3)
+            return sig, codegen
+
+        mma_m16n8k256.__doc__ = (
+            f"(d0, d1, d2, d3) = popc(A {op.upper()} B) + C for one m16n8k256 b1 tile (module doc: fragments)."
+        )
+        return mma_m16n8k256
+
+    def _make_m8n8k128(op):
+        codegen = _emit_mma("m8n8k128", op, 2, 1, 1)
+
+        @intrinsic
+        def mma_m8n8k128(typingctx, a, b, c0, c1):
+            sig = types.UniTuple(types.int32, 2)(a, b, c0, c1)
+            return sig, codegen
+
+        mma_m8n8k128.__doc__ = f"(d0, d1) = popc(A {op.upper()} B) + C for one m8n8k128 b1 tile."
+        return mma_m8n8k128
+
+    mma_m16n8k256_and = _make_m16n8k256("and")
+    mma_m16n8k256_xor = _make_m16n8k256("xor")
+    mma_m8n8k128_and = _make_m8n8k128("and")
+    mma_m8n8k128_xor = _make_m8n8k128("xor")
+
+    @cuda.jit(device=True, inline="always")
+    def popc32(x):
+        """Population count of the low 32 bits (``popc.b32``, never ``popc.b64``)."""
+        return cuda.popc(uint32(x))
+
+    def _element_pointer(context, builder, arytype, ary, index, index_type):
+        """Pointer to ``ary.ravel()[index]`` (the array must be C-contiguous)."""
+        array = context.make_array(arytype)(context, builder, value=ary)
+        idx = context.cast(builder, index, index_type, types.intp)
+        return builder.gep(array.data, [idx])
+
+    def _shared_address(context, builder, arytype, ary, index, index_type):
+        """32-bit shared-window address of ``ary.ravel()[index]``, computed in 32 bits.
+
+        (LLVM would do the arithmetic of an addrspace(3) pointer in 64 bits, with a
+        sign extension per access; shared addresses fit in 32.)
+        """
+        array = context.make_array(arytype)(context, builder, value=ary)
+        base = builder.ptrtoint(builder.addrspacecast(array.data, array.data.type.pointee.as_pointer(3)), _i32)
+        idx = context.cast(builder, index, index_type, types.int32)
+        size = ir.Constant(_i32, context.get_abi_sizeof(context.get_data_type(arytype.dtype)))
+        return builder.add(base, builder.mul(idx, size))
+
+    def _check_word_array(name, smem):
+        if not (isinstance(smem, types.Array) and smem.dtype.bitwidth == 32):
+            raise TypeError(f"{name}: expected an array of 32-bit words, got {smem}")
+
+    @intrinsic
+    def ld_shared(typingctx, smem, index):
+        """``smem[index]`` (32-bit words), with 32-bit address arithmetic and no negative-index wraparound."""
+        _check_word_array("ld_shared", smem)
+
+        def codegen(context, builder, sig, args):
+            address = _shared_address(context, builder, sig.args[0], args[0], args[1], sig.args[1])
+            asm = ir.InlineAsm(ir.FunctionType(_i32, [_i32]), "ld.shared.b32 $0, [$1];", "=r,r,~{memory}", side_effect=True)
+            return builder.bitcast(builder.call(asm, [address]), context.get_value_type(sig.return_type))
+
+        return smem.dtype(smem, index), codegen
+
+    @intrinsic
+    def st_shared_v2(typingctx, smem, index, v0, v1):
+        """``smem[index], smem[index + 1] = v0, v1`` in one 8-byte store (``index`` even)."""
+        _check_word_array("st_shared_v2", smem)
+
+        def codegen(context, builder, sig, args):
+            address = _shared_address(context, builder, sig.args[0], args[0], args[1], sig.args[1])
+            vals = [context.cast(builder, v, t, types.int32) for v, t in zip(args[2:], sig.args[2:])]
+            asm = ir.InlineAsm(
+                ir.FunctionType(ir.VoidType(), [_i32, _i32, _i32]),
+                "st.shared.v2.b32 [$0], {$1, $2};",
+                "r,r,r,~{memory}",
+                side_effect=True,
+            )
+            builder.call(asm, [address] + vals)
+            return context.get_dummy_value()
+
+        return types.void(smem, index, v0, v1), codegen
+
+    def _global_address(builder, ptr):
+        global_ptr = builder.addrspacecast(ptr, ptr.type.pointee.as_pointer(1))
+        return builder.ptrtoint(global_ptr, ir.IntType(64))
+
+    def _ldmatrix(count):
+        regs = ",".join(f"${i}" for i in range(count))
+        text = f"ldmatrix.sync.aligned.m8n8.x{count}.shared.b16 {{{regs}}}, [${count}];"
+        constraints = ",".join(["=r"] * count + ["r", "~{memory}"])
+
+        def typer(typingctx, smem, index):
+            sig = types.UniTuple(types.int32, count)(smem, index)
+
+            def codegen(context, builder, sig, args):
+                address = _shared_address(context, builder, sig.args[0], args[0], args[1], sig.args[1])
+                fnty = ir.FunctionType(ir.LiteralStructType([_i32] * count), [_i32])
+                asm = ir.InlineAsm(fnty, text, constraints, side_effect=True)
+                res = builder.call(asm, [address])
+                vals = [builder.extract_value(res, i) for i in range(count)]
+                return context.make_tuple(builder, sig.return_type, vals)
+
+            return sig, codegen
+
+        return typer
+
+    ldmatrix_x4 = intrinsic(_ldmatrix(4))
+    ldmatrix_x4.__doc__ = """Four 8x8 b16 matrices from shared memory (``ldmatrix.sync.aligned.m8n8.x4``).
+
+        Lane ``8 * i + r`` gives the address of row ``r`` of matrix ``i`` (16 bytes:
+        four uint32 words starting at ``smem[index]``); every lane gets back, from each
+        matrix ``i``, the word at row ``lane >> 2``, word ``lane & 3``.  For b1 tiles
+        stored as rows of 32-byte k-chunks that is exactly the mma fragment.
+        """
+    ldmatrix_x2 = intrinsic(_ldmatrix(2))
+    ldmatrix_x2.__doc__ = "Two 8x8 b16 matrices (``.x2``): lanes 0..15 give the row addresses."
+
+    @intrinsic
+    def cp_async_16(typingctx, smem, smem_index, gmem, gmem_index, src_bytes):
+        """Copy 16 bytes global -> shared without registers (``cp.async.cg``, L2 only).
+
+        Only ``src_bytes`` (0 or 16) are read; the rest of the 16 bytes is zero-filled,
+        which is how ragged tile edges become zeros without a branch.
+        """
+        sig = types.void(smem, smem_index, gmem, gmem_index, src_bytes)
+
+        def codegen(context, builder, sig, args):
+            saddr = _shared_address(context, builder, sig.args[0], args[0], args[1], sig.args[1])
+            gptr = _element_pointer(context, builder, sig.args[2], args[2], args[3], sig.args[3])
+            nbytes = context.cast(builder, args[4], sig.args[4], types.int32)
+            fnty = ir.FunctionType(ir.VoidType(), [_i32, ir.IntType(64), _i32])
+            asm = ir.InlineAsm(
+                fnty,
+                "cp.async.cg.shared.global [$0], [$1], 16, $2;",
+                "r,l,r,~{memory}",
+                side_effect=True,
+            )
+            builder.call(asm, [saddr, _global_address(builder, gptr), nbytes])
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    @intrinsic
+    def cp_async_commit(typingctx):
+        """Close the group of cp.async copies issued so far (``cp.async.commit_group``)."""
+
+        def codegen(context, builder, sig, args):
+            asm = ir.InlineAsm(ir.FunctionType(ir.VoidType(), []), "cp.async.commit_group;", "~{memory}", side_effect=True)
+            builder.call(asm, [])
+            return context.get_dummy_value()
+
+        return types.void(), codegen
+
+    @functools.lru_cache(maxsize=None)
+    def cp_async_wait(pending):
+        """An intrinsic that waits until at most ``pending`` cp.async groups are in flight."""
+        pending = int(pending)
+
+        @intrinsic
+        def wait(typingctx):
+            def codegen(context, builder, sig, args):
+                asm = ir.InlineAsm(
+                    ir.FunctionType(ir.VoidType(), []),
+                    f"cp.async.wait_group {pending};",
+                    "~{memory}",
+                    side_effect=True,
+                )
+                builder.call(asm, [])
+                return context.get_dummy_value()
+
+            return types.void(), codegen
+
+        return wait
+
+    @intrinsic
+    def ballot(typingctx, predicate):
+        """Bit ``lane`` of the result is the lane's predicate (!= 0); all 32 lanes take part.
+
+        Written out (rather than ``cuda.ballot_sync``) so the member mask is an immediate:
+        with a mask in a register ptxas calls a slow warp-synchronisation routine.
+        """
+
+        def codegen(context, builder, sig, args):
+            value = context.cast(builder, args[0], sig.args[0], types.int32)
+            asm = ir.InlineAsm(
+                ir.FunctionType(_i32, [_i32]),
+                "{ .reg .pred p; setp.ne.b32 p, $1, 0; vote.sync.ballot.b32 $0, p, 0xffffffff; }",
+                "=r,r",
+                side_effect=True,
+            )
+            return builder.call(asm, [value])
+
+        return types.uint32(predicate), codegen
+
+    @intrinsic
+    def shfl_idx(typingctx, value, src_lane):
+        """``value`` (as int32) as held by lane ``src_lane``; all 32 lanes take part (immediate mask)."""
+
+        def codegen(context, builder, sig, args):
+            v = context.cast(builder, args[0], sig.args[0], types.int32)
+            src = context.cast(builder, args[1], sig.args[1], types.int32)
+            asm = ir.InlineAsm(
+                ir.FunctionType(_i32, [_i32, _i32]),
+                "shfl.sync.idx.b32 $0, $1, $2, 0x1f, 0xffffffff;",
+                "=r,r,r",
+                side_effect=True,
+            )
+            return builder.call(asm, [v, src])
+
+        return types.int32(value, src_lane), codegen
+
+    @cuda.jit(device=True, inline="always")
+    def f32_div_rn(x, y):
+        """IEEE float32 x / y, rounded to nearest even (numpy's float32 division)."""
+        return cuda.libdevice.fdiv_rn(x, y)
+
+    @cuda.jit(device=True, inline="always")
+    def f32_mul_rn(x, y):
+        """float32 x * y with its own rounding: never contracted into an FMA."""
+        return cuda.libdevice.fmul_rn(x, y)
+
+    @cuda.jit(device=True, inline="always")
+    def f32_add_rn(x, y):
+        """float32 x + y with its own rounding: never contracted into an FMA."""
+        return cuda.libdevice.fadd_rn(x, y)
+
+    @cuda.jit(device=True, inline="always")
+    def f32_rint(x):
+        """Round float32 to the nearest integer, ties to even (numpy's ``rint``)."""
+        return cuda.libdevice.rintf(x)

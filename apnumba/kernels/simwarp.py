@@ -1,0 +1,181 @@
+"""Python stand-ins for the PTX intrinsics, used under the CUDA simulator.
+
+The simulator runs every CUDA thread as a Python thread but has no warp-level
+collectives (no shuffles, ballots or mma).  A collective here is a rendezvous:
+each lane of the warp posts its operands, waits on a per-warp barrier, computes
+its own share of the warp-wide result from everybody's operands, and waits once
+more before the slots can be reused.  Results are bit-identical to the GPU's.
+Only imported when ``NUMBA_ENABLE_CUDASIM=1``.
+"""
+
+import threading
+import weakref
+
+import numpy as np
+
+_registry_lock = threading.Lock()
+_warps = weakref.WeakKeyDictionary()  # block manager -> {(block, warp): (barrier, slots)}
+
+
+def _warp_exchange(value):
+    """Post ``value`` for this lane; return the list of the warp's values, by lane."""
+    thread = threading.current_thread()
+    manager = thread._manager
+    warp = thread.thread_id // 32
+    with _registry_lock:
+        per_block = _warps.setdefault(manager, {})
+        key = (tuple(thread.blockIdx), warp)
+        slot = per_block.get(key)
+        if slot is None:
+            threads = int(np.prod(manager._block_dim))
+            lanes = min(32, threads - 32 * warp)
+            if lanes != 32:
+                raise RuntimeError("warp collectives need whole warps: make the block size a multiple of 32")
+            slot = per_block[key] = (threading.Barrier(lanes), [None] * lanes)
+    barrier, slots = slot
+    slots[thread.thread_id % 32] = value
+    barrier.wait()
+    values = list(slots)
+    barrier.wait()
+    return values
+
+
+def _lane():
+    return threading.current_thread().thread_id % 32
+
+
+def _popc_u32(x):
+    return bin(int(x) & 0xFFFFFFFF).count("1")
+
+
+_POPC8 = np.array([_popc_u32(i) for i in range(256)], dtype=np.int64)
+
+
+def _popc_words(words):
+    """Elementwise popcount of an array of 32-bit words."""
+    w = np.asarray(words, dtype=np.int64) & 0xFFFFFFFF
+    return sum(_POPC8[(w >> s) & 0xFF] for s in (0, 8, 16, 24))
+
+
+def _mma_m16n8k256(op, a0, a1, a2, a3, b0, b1, c0, c1, c2, c3):
+    lanes = _warp_exchange((a0, a1, a2, a3, b0, b1, c0, c1, c2, c3))
+    A = np.zeros((16, 8), dtype=np.int64)
+    B = np.zeros((8, 8), dtype=np.int64)  # B[col][word]
+    C = np.zeros((16, 8), dtype=np.int64)
+    for lane, (x0, x1, x2, x3, y0, y1, z0, z1, z2, z3) in enumerate(lanes):
+        g, t = lane >> 2, lane & 3
+        A[g, t], A[g + 8, t], A[g, 4 + t], A[g + 8, 4 + t] = x0, x1, x2, x3
+        B[g, t], B[g, 4 + t] = y0, y1
+        C[g, 2 * t], C[g, 2 * t + 1], C[g + 8, 2 * t], C[g + 8, 2 * t + 1] = z0, z1, z2, z3
+    A &= 0xFFFFFFFF
+    B &= 0xFFFFFFFF
+    combined = (A[:, None, :] & B[None, :, :]) if op == "and" else (A[:, None, :] ^ B[None, :, :])
+    D = _popc_words(combined).sum(axis=2) + C
+    g, t = _lane() >> 2, _lane() & 3
+    out = (D[g, 2 * t], D[g, 2 * t + 1], D[g + 8, 2 * t], D[g + 8, 2 * t + 1])
+    return tuple(np.int32(np.int64(v).astype(np.int32)) for v in out)
+
+
+def _mma_m8n8k128(op, a, b, c0, c1):
+    lanes = _warp_exchange((a, b, c0, c1))
+    A = np.zeros((8, 4), dtype=np.int64)
+    B = np.zeros((8, 4), dtype=np.int64)
+    C = np.zeros((8, 8), dtype=np.int64)
+    for lane, (x, y, z0, z1) in enumerate(lanes):
+        g, t = lane >> 2, lane & 3
+        A[g, t], B[g, t] = x, y
+        C[g, 2 * t], C[g, 2 * t + 1] = z0, z1
+    A &= 0xFFFFFFFF
+    B &= 0xFFFFFFFF
+    combined = (A[:, None, :] & B[None, :, :]) if op == "and" else (A[:, None, :] ^ B[None, :, :])
+    D = _popc_words(combined).sum(axis=2) + C
+    g, t = _lane() >> 2, _lane() & 3
+    return np.int32(D[g, 2 * t]), np.int32(D[g, 2 * t + 1])
+
+
+def mma_m16n8k256_and(a0, a1, a2, a3, b0, b1, c0, c1, c2, c3):
+    return _mma_m16n8k256("and", a0, a1, a2, a3, b0, b1, c0, c1, c2, c3)
+
+
+def mma_m16n8k256_xor(a0, a1, a2, a3, b0, b1, c0, c1, c2, c3):
+    return _mma_m16n8k256("xor", a0, a1, a2, a3, b0, b1, c0, c1, c2, c3)
+
+
+def mma_m8n8k128_and(a, b, c0, c1):
+    return _mma_m8n8k128("and", a, b, c0, c1)
+
+
+def mma_m8n8k128_xor(a, b, c0, c1):
+    return _mma_m8n8k128("xor", a, b, c0, c1)
+
+
+def popc32(x):
+    return _popc_u32(x)
+
+
+def _ldmatrix(count, smem, index):
+    addresses = _warp_exchange(int(index))
+    lane = _lane()
+    row, word = lane >> 2, lane & 3
+    return tuple(np.uint32(smem[addresses[8 * i + row] + word]).view(np.int32) for i in range(count))
+
+
+def ldmatrix_x4(smem, index):
+    return _ldmatrix(4, smem, index)
+
+
+def ldmatrix_x2(smem, index):
+    return _ldmatrix(2, smem, index)
+
+
+def ld_shared(smem, index):
+    return smem[index]
+
+
+def st_shared_v2(smem, index, v0, v1):
+    smem[index] = v0
+    smem[index + 1] = v1
+
+
+def cp_async_16(smem, smem_index, gmem, gmem_index, src_bytes):
+    for i in range(4):
+        smem[smem_index + i] = gmem[gmem_index + i] if 4 * i < src_bytes else 0
+
+
+def cp_async_commit():
+    pass
+
+
+def cp_async_wait(pending):
+    """Copies above are synchronous: waiting is a no-op."""
+
+    def wait():
+        pass
+
+    return wait
+
+
+def ballot(predicate):
+    votes = _warp_exchange(bool(predicate))
+    return np.uint32(sum(1 << lane for lane, v in enumerate(votes) if v))
+
+
+def shfl_idx(value, src_lane):
+    values = _warp_exchange(int(value))
+    return np.int32(values[int(src_lane) % 32])
+
+
+def f32_div_rn(x, y):
+    return np.float32(x) / np.float32(y)
+
+
+def f32_mul_rn(x, y):
+    return np.float32(np.float32(x) * np.float32(y))
+
+
+def f32_add_rn(x, y):
+    return np.float32(np.float32(x) + np.float32(y))
+
+
+def f32_rint(x):
+    return np.rint(np.float32(x))

@@ -1,0 +1,179 @@
+"""``apmm``: the arbitrary-precision matrix product on packed tensors, and a convenience path from arrays.
+
+    Y[m, n] = sum_k W[m, k] X[n, k]        W: PackedTensor (M, K), p bits; X: PackedTensor (N, K), q bits
+
+Output int32, or float32 ``Y * scale[m] + bias[m]`` (rounded after the multiply
+and after the add, exactly as numpy computes it in float32).
+"""
+
+import functools
+
+import numpy as np
+from numba import cuda, float32, int32, uint32
+
+from . import reference, tuning
+from .device import as_device_array, check_accumulator, device_name, require_gpu
+from .kernels.apmm import apmm_kernel
+from .kernels.launch import compiled
+from .kernels.ptx import SIMULATOR
+from .packed import PackedTensor
+from .precision import Precision
+
+
+def _signature(out_float):
+    words, i32s = uint32[::1], int32[::1]
+    return (
+        words, words, int32, int32, int32, i32s, i32s, int32, int32, int32,
+        i32s, i32s, float32[::1], float32[::1], (float32 if out_float else int32)[::1], int32, int32,
+    )
+
+
+@functools.lru_cache(maxsize=None)
+def launcher(p, q, config, out_float):
+    """The compiled kernel for (p, q, config, output type), ready to launch."""
+    kernel = apmm_kernel(p, q, config, out_float)
+    return compiled(kernel, _signature(out_float), config.shared_bytes(p, q))
+
+
+@functools.lru_cache(maxsize=None)
+def _coef(precision):
+    return cuda.to_device(np.asarray(precision.coef, dtype=np.int32))
+
+
+@functools.lru_cache(maxsize=None)
+def _ones_zeros(n):
+    return cuda.to_device(np.ones(n, np.float32)), cuda.to_device(np.zeros(n, np.float32))
+
+
+def _check_operands(w, x):
+    for name, t in (("w", w), ("x", x)):
+        if not isinstance(t, PackedTensor):
+            raise TypeError(f"{name}: expected a PackedTensor, got {type(t).__name__}")
+    if w.K != x.K:
+        raise ValueError(f"w, x: reduction lengths differ: w is {w.shape} (K={w.K}), x is {x.shape} (K={x.K})")
+    check_accumulator(w.K, w.precision, x.precision, w.zero_point, x.zero_point)
+
+
+def _vector(v, M, name, default):
+    if v is None:
+        return default
+    d = as_device_array(np.asarray(v, dtype=np.float32) if not hasattr(v, "__cuda_array_interface__") and not SIMULATOR else v,
+                        name, dtypes=(np.float32,), ndim=1)
+    if d.shape[0] != M:
+        raise ValueError(f"{name}: expected {M} values (one per row of w), got {d.shape[0]}")
+    return d
+
+
+def choose_config(p, q, M, N, K, out_float, autotune=False):
+    """Cached autotuned choice if there is one, else (autotune=True) tune now, else the model's best."""
+    key = tuning.cache_key(device_name(), p, q, M, N, K, out_float)
+    cfg = tuning.cached_config(key)
+    if cfg is not None:
+        return cfg
+    if autotune and not SIMULATOR:
+        return autotune_config(p, q, M, N, K, out_float, key)
+    return tuning.default_config(p, q, M, N, K)
+
+
+def autotune_config(p, q, M, N, K, out_float, key=None):
+    """Time the model's best few configurations (CUDA graph of calls); cache and return the fastest."""
+    from .graph import gpu_time_per_call
+
+    rng = np.random.default_rng(0)
+    pw, px = Precision(p, "unsigned"), Precision(q, "unsigned")
+    w = PackedTensor.from_codes(rng.integers(0, 2**p, (M, K)), pw)
+    x = PackedTensor.from_codes(rng.integers(0, 2**q, (N, K)), px)
+    y = cuda.device_array((M, N), dtype=np.float32 if out_float else np.int32)
+    scale = cuda.to_device(np.ones(M, np.float32)) if out_float else None
+    stream = cuda.stream()
+    calls = int(max(2, min(100, 2e4 / max(1.0, 2.0 * M * N * K * p * q / 8e9))))
+    timings = {}
+    for cfg in tuning.candidates(p, q, M, N, K):
+        timings[cfg] = gpu_time_per_call(
+            stream, lambda: apmm(w, x, out=y, scale=scale, config=cfg, stream=stream), calls=calls, replays=3
+        )
+    best = min(timings, key=timings.get)
+    tuning.store_config(
+        key or tuning.cache_key(device_name(), p, q, M, N, K, out_float), best,
+        {c.short(): round(us, 3) for c, us in timings.items()},
+    )
+    return best
+
+
+def apmm(w, x, *, out=None, scale=None, bias=None, out_dtype=None, layout="mn", config=None, autotune=False, stream=0):
+    """Y[m, n] = sum_k (W[m, k] - zw)(X[n, k] - zx) on the binary tensor cores, exact.
+
+    (zw, zx: the tensors' zero points, usually 0; the product is of the values the codes stand for.)
+
+    w, x:      PackedTensor (M, K) and (N, K), any precisions (``apnumba.precision``).
+    out:       optional device array to write: (M, N) for layout "mn", (N, M) for "nm".
+    scale, bias: per-row (M) float32; if either is given (or out_dtype is float32) the output is
+               float32 ``Y * scale + bias``, else int32 ``Y``.
+    config:    a TileConfig; by default the cached autotuned one, else the cost model's best
+               (``autotune=True`` tunes on first use and caches the choice on disk).
+    Returns the output device array.
+    """
+    require_gpu()
+    _check_operands(w, x)
+    M, N, K = w.rows, x.rows, w.K
+    out_float = scale is not None or bias is not None or np.dtype(out_dtype or np.int32) == np.float32
+    if out_dtype is not None and np.dtype(out_dtype) not in (np.dtype(np.int32), np.dtype(np.float32)):
+        raise TypeError(f"out_dtype: expected int32 or float32, got {np.dtype(out_dtype).name}")
+    if layout not in ("mn", "nm"):
+        raise ValueError(f"layout: expected 'mn' (Y is M x N) or 'nm' (Y is N x M), got {layout!r}")
+    shape = (M, N) if layout == "mn" else (N, M)
+    dtype = np.float32 if out_float else np.int32
+    if out is None:
+        out = cuda.device_array(shape, dtype=dtype)
+    else:
+        if tuple(out.shape) != shape or np.dtype(out.dtype) != dtype:
+            raise ValueError(f"out: expected {np.dtype(dtype).name} {shape}, got {np.dtype(out.dtype).name} {tuple(out.shape)}")
+        if not out.is_c_contiguous():
+            raise ValueError("out: expected a C-contiguous array")
+    ones, zeros = _ones_zeros(M)
+    scale_d = _vector(scale, M, "scale", ones)
+    bias_d = _vector(bias, M, "bias", zeros)
+
+    p, q = w.bits, x.bits
+    cfg = config or choose_config(p, q, M, N, K, out_float, autotune)
+    launch = launcher(p, q, cfg, out_float)
+    grid = (-(-N // cfg.block_n), -(-M // cfg.block_m))
+    stride_m, stride_n = (N, 1) if layout == "mn" else (1, M)
+    c_sw, c_sx, c_const = reference.correction_terms(w.precision, x.precision, K, w.zero_point, x.zero_point)
+    launch(grid, (cfg.threads,), stream, (
+        w.words.reshape(w.words.size), x.words.reshape(x.words.size), M, N, w.kwords,
+        _coef(w.precision), _coef(x.precision), c_sw, c_sx, c_const,
+        w.rowsum, x.rowsum, scale_d, bias_d, out.reshape(out.size), stride_m, stride_n,
+    ))
+    return out
+
+
+def matmul(w, x, pw, px, *, w_scale=1.0, x_scale=1.0, x_zero_point=0, out_float=False, config=None):
+    """Convenience: integer codes or floats (host or device) in, host numpy out.
+
+    Integer arrays are taken as codes of ``pw`` / ``px``; float arrays are quantized
+    (``w_scale`` per row or scalar, ``x_scale`` scalar) and packed on the GPU.
+    int32 ``W @ X.T`` out, or float32 ``W @ X.T * w_scale * x_scale`` with ``out_float``.
+    """
+    require_gpu()
+    pw, px = Precision.parse(pw), Precision.parse(px)
+
+    def packed(a, prec, scale, zp, name):
+        dtype = np.dtype(a.dtype)
+        if np.issubdtype(dtype, np.integer):
+            host = a.copy_to_host() if hasattr(a, "copy_to_host") else np.asarray(a)
+            return PackedTensor.from_codes(host, prec, scale, zp)
+        if dtype in (np.float32, np.float16):
+            return PackedTensor.from_float(a, prec, scale, zp)
+        raise TypeError(f"{name}: expected integer codes or float32/float16 values, got dtype {dtype.name}")
+
+    W = packed(w, pw, w_scale, 0, "w")
+    X = packed(x, px, x_scale, x_zero_point, "x")
+    if out_float:
+        if not (X.scale == X.scale[0]).all():
+            raise ValueError("x_scale: expected one scale for all of x (a per-row x scale cannot be applied per m)")
+        scale = W.scale * np.float32(X.scale[0])
+        return apmm(W, X, scale=scale, config=config).copy_to_host()
+    return apmm(W, X, config=config).copy_to_host()
+
+

@@ -1,0 +1,120 @@
+"""PackedTensor: a (rows, K) integer tensor held as packed bit planes on the GPU.
+
+Weights are packed once, at load; activations are packed per call into a
+PackedTensor allocated once (``out=``), so a forward pass allocates nothing.
+"""
+
+import numpy as np
+from numba import cuda
+
+from . import reference
+from .device import as_device_array, require_gpu, zero_fill
+from .kernels import pack as pack_kernels
+from .precision import Precision, check_zero_point, normalize_scale
+
+
+def _launch_stream(stream):
+    return stream if stream else cuda.default_stream()
+
+
+class PackedTensor:
+    """Bit planes of integer codes ``(rows, K)`` of one :class:`~apnumba.precision.Precision`.
+
+    Attributes: ``words`` (device uint32, shape (bits, rows, kwords), the layout in
+    :mod:`apnumba.reference`), ``rowsum`` (device int32 (rows,), the sum of each
+    row's codes, used by the correction terms of binary encodings), ``scale``
+    (float32 per row), ``zero_point``.
+    """
+
+    def __init__(self, words, rowsum, shape, precision, scale=1.0, zero_point=0):
+        self.precision = Precision.parse(precision)
+        rows, K = (int(s) for s in shape)
+        if rows < 1 or K < 1:
+            raise ValueError(f"shape: expected rows >= 1 and K >= 1, got {shape}")
+        self.shape = (rows, K)
+        self.kwords = reference.padded_words(K)
+        expect = (self.precision.bits, rows, self.kwords)
+        if tuple(words.shape) != expect or np.dtype(words.dtype) != np.uint32:
+            raise ValueError(f"words: expected uint32 {expect}, got {np.dtype(words.dtype).name} {tuple(words.shape)}")
+        if tuple(rowsum.shape) != (rows,) or np.dtype(rowsum.dtype) != np.int32:
+            raise ValueError(f"rowsum: expected int32 ({rows},), got {np.dtype(rowsum.dtype).name} {tuple(rowsum.shape)}")
+        self.words = words
+        self.rowsum = rowsum
+        self.scale = normalize_scale(scale, rows)
+        self.zero_point = check_zero_point(self.precision, zero_point)
+
+    rows = property(lambda self: self.shape[0])
+    K = property(lambda self: self.shape[1])
+    bits = property(lambda self: self.precision.bits)
+
+    def __repr__(self):
+        return f"PackedTensor(shape={self.shape}, precision={self.precision}, kwords={self.kwords})"
+
+    @classmethod
+    def empty(cls, shape, precision, scale=1.0, zero_point=0):
+        """Device buffers for a tensor to be filled by :meth:`pack_` (or a kernel's epilogue)."""
+        require_gpu()
+        precision = Precision.parse(precision)
+        rows, K = shape
+        words = cuda.device_array((precision.bits, rows, reference.padded_words(K)), dtype=np.uint32)
+        rowsum = cuda.device_array(rows, dtype=np.int32)
+        return cls(words, rowsum, shape, precision, scale, zero_point)
+
+    @classmethod
+    def from_codes(cls, codes, precision, scale=1.0, zero_point=0):
+        """Pack host integer codes (rows, K) with the reference packer and upload them (weights, once)."""
+        require_gpu()
+        precision = Precision.parse(precision)
+        codes = precision.check_codes(np.asarray(codes), "codes")
+        if codes.ndim != 2:
+            raise ValueError(f"codes: expected a 2-D (rows, K) array, got shape {codes.shape}")
+        words = cuda.to_device(reference.pack(codes, precision))
+        rowsum = cuda.to_device(reference.row_sums(codes))
+        return cls(words, rowsum, codes.shape, precision, scale, zero_point)
+
+    @classmethod
+    def from_float(cls, x, precision, scale=1.0, zero_point=0, stream=0):
+        """Quantize and pack a float32/float16 (rows, K) array (host or device) on the GPU."""
+        require_gpu()
+        x = as_device_array(x, "x", dtypes=(np.float32, np.float16), ndim=2)
+        out = cls.empty(x.shape, precision, scale, zero_point)
+        return out.pack_(x, stream=stream)
+
+    def pack_(self, x, stream=0):
+        """Quantize and pack ``x`` (float32/float16, shape (rows, K), device) into this tensor, in place."""
+        x = as_device_array(x, "x", dtypes=(np.float32, np.float16), ndim=2)
+        if tuple(x.shape) != self.shape:
+            raise ValueError(f"x: expected shape {self.shape}, got {tuple(x.shape)}")
+        if not x.is_c_contiguous():
+            raise ValueError("x: expected a C-contiguous array")
+        stream = _launch_stream(stream)
+        rows, K = self.shape
+        if not hasattr(self, "_scale_dev"):
+            self._scale_dev = cuda.to_device(self.scale)
+        zero_fill(self.rowsum, stream)
+        grid = (-(-rows // pack_kernels.WARPS_PER_BLOCK), self.kwords // pack_kernels.CHUNK_WORDS)
+        pack_kernels.pack_rows_kernel[grid, 32 * pack_kernels.WARPS_PER_BLOCK, stream](
+            x.reshape(rows * K), rows, K, K, self._scale_dev, 1, self.zero_point,
+            self.bits, self.precision.encoding.code, self.words.reshape(self.words.size), self.kwords, self.rowsum,
+        )
+        return self
+
+    def codes(self, stream=0):
+        """Unpack on the GPU: host int32 codes (rows, K)."""
+        rows, K = self.shape
+        out = cuda.device_array(rows * K, dtype=np.int32)
+        threads = 256
+        pack_kernels.unpack_rows_kernel[(-(-K // threads), rows), threads, _launch_stream(stream)](
+            self.words.reshape(self.words.size), rows, K, self.kwords, self.bits, self.precision.encoding.code, out
+        )
+        return out.copy_to_host().reshape(rows, K)
+
+    def words_host(self):
+        return self.words.copy_to_host()
+
+    def rowsum_host(self):
+        return self.rowsum.copy_to_host()
+
+    def dequantize(self):
+        """Host float32 ``(code - zero_point) * scale``."""
+        return (self.codes().astype(np.float32) - np.float32(self.zero_point)) * self.scale[:, None]

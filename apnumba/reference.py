@@ -1,0 +1,185 @@
+"""The golden reference: bit planes, the packed layout, and the emulated product, in numpy.
+
+Packed layout (the one every GPU kernel reads and writes)
+---------------------------------------------------------
+A matrix of integer codes ``q`` with shape ``(rows, K)`` and ``b``-bit precision
+is stored as ``uint32`` words, C-contiguous::
+
+    words[plane, row, word]        shape (b, rows, kwords),  kwords = ceil(K / 256) * 8
+
+    bit i (LSB = 0) of words[j, r, w]  =  bit j of the encoded code of q[r, 32 * w + i]
+
+- K, the reduction axis, is packed: 32 consecutive k in a word, least significant
+  bit first.  For a convolution K is the channel axis of an NHWC tensor.
+- Planes are stored one after another, plane 0 (least significant) first; for
+  ``signed`` the last plane is the two's-complement sign plane, for ``binary`` the
+  single plane holds ``(v + 1) / 2``.
+- Each row is padded with zero bits to a multiple of 256 bits (8 words, one
+  ``m16n8k256`` k-step), so kernels need no K-edge test.  Rows are not padded.
+
+The product (``apnumba.precision`` defines ``coef`` and ``offset``)
+-------------------------------------------------------------------
+With codes ``w = sum_j cw_j w_j + dw`` and ``x = sum_i cx_i x_i + dx`` (bits ``w_j``,
+``x_i``; ``dw``, ``dx`` the encodings' offsets) and zero points ``zw``, ``zx``, the
+product of the values the codes stand for is::
+
+    sum_k (w[m,k] - zw)(x[n,k] - zx) = sum_ij cw_j cx_i popc(w_j[m] AND x_i[n])   (one b1 mma per plane pair)
+                                     + c_sw * SW[m] + c_sx * SX[n] + c_const      (see correction_terms)
+
+where ``SW[m] = sum_k w[m,k]`` and ``SX[n] = sum_k x[n,k]`` are row sums of the
+codes, kept beside the packed words.  The terms vanish unless a side is binary
+or has a zero point.  Only AND is used: XOR is emulated on
+Hopper; for +-1 x +-1 this is the identity popc(a XOR b) = popc(a) + popc(b) - 2 popc(a AND b)
+in disguise.  Padding bits are zero in every plane, so they add nothing to any popcount.
+"""
+
+import numpy as np
+
+from .precision import Encoding, Precision
+
+WORD_BITS = 32
+K_ALIGN_BITS = 256  # one m16n8k256 k-step
+K_ALIGN_WORDS = K_ALIGN_BITS // WORD_BITS
+
+
+def padded_words(K):
+    """Words per packed row for a reduction length K."""
+    if K < 1:
+        raise ValueError(f"K: expected at least 1, got {K}")
+    return -(-K // K_ALIGN_BITS) * K_ALIGN_WORDS
+
+
+def encode(codes, precision):
+    """Integer codes -> the unsigned bit pattern (0 .. 2^b - 1) whose bits are the planes."""
+    precision = Precision.parse(precision)
+    v = precision.check_codes(codes, "codes").astype(np.int64)
+    if precision.encoding is Encoding.BINARY:
+        return ((v + 1) // 2).astype(np.uint8)
+    return (v & ((1 << precision.bits) - 1)).astype(np.uint8)
+
+
+def decode(pattern, precision):
+    """Inverse of :func:`encode`: bit pattern -> int32 codes."""
+    precision = Precision.parse(precision)
+    p = np.asarray(pattern).astype(np.int64)
+    v = sum(c * ((p >> j) & 1) for j, c in enumerate(precision.coef)) + precision.offset
+    return np.asarray(v, dtype=np.int32)
+
+
+def bit_planes(codes, precision):
+    """codes (...) -> uint8 planes (b, ...); plane j is bit j of each encoded code."""
+    precision = Precision.parse(precision)
+    pattern = encode(codes, precision)
+    return np.stack([(pattern >> j) & 1 for j in range(precision.bits)]).astype(np.uint8)
+
+
+def from_planes(planes, precision):
+    """uint8 planes (b, ...) -> int32 codes: ``sum_j coef[j] * plane_j + offset``."""
+    precision = Precision.parse(precision)
+    planes = np.asarray(planes)
+    if planes.shape[0] != precision.bits:
+        raise ValueError(f"planes: expected {precision.bits} planes for {precision}, got {planes.shape[0]}")
+    v = sum(c * planes[j].astype(np.int64) for j, c in enumerate(precision.coef)) + precision.offset
+    return np.asarray(v, dtype=np.int32)
+
+
+def pack(codes, precision):
+    """int codes (rows, K) -> uint32 words (b, rows, kwords) in the packed layout."""
+    precision = Precision.parse(precision)
+    codes = np.asarray(codes)
+    if codes.ndim != 2:
+        raise ValueError(f"codes: expected a 2-D (rows, K) array, got shape {codes.shape}")
+    rows, K = codes.shape
+    kwords = padded_words(K)
+    planes = bit_planes(codes, precision)  # (b, rows, K)
+    padded = np.zeros((precision.bits, rows, kwords * WORD_BITS), dtype=np.uint8)
+    padded[:, :, :K] = planes
+    packed = np.packbits(padded.reshape(precision.bits, rows, kwords, WORD_BITS), axis=-1, bitorder="little")
+    return np.ascontiguousarray(packed).view("<u4").reshape(precision.bits, rows, kwords).astype(np.uint32)
+
+
+def unpack(words, precision, K):
+    """uint32 words (b, rows, kwords) -> int32 codes (rows, K)."""
+    precision = Precision.parse(precision)
+    words = np.ascontiguousarray(np.asarray(words, dtype=np.uint32))
+    if words.ndim != 3 or words.shape[0] != precision.bits or words.shape[2] != padded_words(K):
+        raise ValueError(
+            f"words: expected shape ({precision.bits}, rows, {padded_words(K)}) for {precision} and K={K}, "
+            f"got {words.shape}"
+        )
+    bits = np.unpackbits(words.view(np.uint8), axis=-1, bitorder="little")
+    return from_planes(bits[:, :, :K], precision)
+
+
+def row_sums(codes):
+    """int32 sum of each row's values: the ``SW`` / ``SX`` of the product."""
+    return np.asarray(codes, dtype=np.int64).sum(axis=1).astype(np.int32)
+
+
+def plane_popcounts(words_w, words_x):
+    """int64 (Pw, Px, M, N): popc(w_j[m] AND x_i[n]) summed over the row, for every plane pair."""
+    ww = np.asarray(words_w, dtype=np.uint32)
+    xx = np.asarray(words_x, dtype=np.uint32)
+    P, M, kw = ww.shape
+    Q, N, _ = xx.shape
+    out = np.empty((P, Q, M, N), dtype=np.int64)
+    # Bound the (M, N, kwords) temporary to about 32 MB.
+    step = max(1, (1 << 23) // max(1, N * kw))
+    for j in range(P):
+        for i in range(Q):
+            for m0 in range(0, M, step):
+                both = ww[j, m0 : m0 + step, None, :] & xx[i, None, :, :]
+                out[j, i, m0 : m0 + step] = np.bitwise_count(both).sum(axis=-1, dtype=np.int64)
+    return out
+
+
+def correction_terms(pw, px, K, zw=0, zx=0):
+    """(c_sw, c_sx, c_const) of the module doc's formula.
+
+    With ``ew = dw - zw`` and ``ex = dx - zx``: the bit planes give ``sum (w - dw)(x - dx)``;
+    expanding ``(w - zw)(x - zx)`` around it gives
+    ``c_sw = ex``, ``c_sx = ew``, ``c_const = -K (ex dw + ew dx - ew ex)``.
+    """
+    pw, px = Precision.parse(pw), Precision.parse(px)
+    ew, ex = pw.offset - zw, px.offset - zx
+    return ex, ew, -K * (ex * pw.offset + ew * px.offset - ew * ex)
+
+
+def combine_planes(popcounts, pw, px, sum_w, sum_x, K, zw=0, zx=0):
+    """Combine plane-pair popcounts (Pw, Px, M, N) into the integer product (the module doc's formula)."""
+    pw, px = Precision.parse(pw), Precision.parse(px)
+    cw = np.asarray(pw.coef, dtype=np.int64)
+    cx = np.asarray(px.coef, dtype=np.int64)
+    c_sw, c_sx, c_const = correction_terms(pw, px, K, zw, zx)
+    y = np.einsum("j,i,jimn->mn", cw, cx, popcounts)
+    y = y + c_sw * np.asarray(sum_w, dtype=np.int64)[:, None]
+    y = y + c_sx * np.asarray(sum_x, dtype=np.int64)[None, :]
+    return y + c_const
+
+
+def apmm(w_codes, x_codes, pw, px, zw=0, zx=0):
+    """Y[m, n] = sum_k (W[m, k] - zw)(X[n, k] - zx) computed the way the GPU does: packed planes, AND, popc.
+
+    Returns int64 so that a test can see an int32 overflow instead of wrapping into it.
+    """
+    pw, px = Precision.parse(pw), Precision.parse(px)
+    w_codes = pw.check_codes(w_codes, "w")
+    x_codes = px.check_codes(x_codes, "x")
+    if w_codes.ndim != 2 or x_codes.ndim != 2 or w_codes.shape[1] != x_codes.shape[1]:
+        raise ValueError(f"w, x: expected (M, K) and (N, K) with the same K, got {w_codes.shape} and {x_codes.shape}")
+    K = w_codes.shape[1]
+    counts = plane_popcounts(pack(w_codes, pw), pack(x_codes, px))
+    return combine_planes(counts, pw, px, row_sums(w_codes), row_sums(x_codes), K, zw, zx)
+
+
+def matmul_int(w_codes, x_codes, zw=0, zx=0):
+    """Plain integer ``(W - zw) @ (X - zx).T`` in int64: what :func:`apmm` must equal."""
+    return (np.asarray(w_codes, dtype=np.int64) - zw) @ (np.asarray(x_codes, dtype=np.int64) - zx).T
+
+
+def random_codes(rng, shape, precision):
+    """Uniformly random valid codes of ``precision``."""
+    precision = Precision.parse(precision)
+    if precision.encoding is Encoding.BINARY:
+        return (2 * rng.integers(0, 2, size=shape) - 1).astype(np.int32)
+    return rng.integers(precision.lo, precision.hi + 1, size=shape).astype(np.int32)

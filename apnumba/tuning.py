@@ -1,0 +1,138 @@
+"""Tile configurations for APMM: a cost model to rank them, a small autotuner, a disk cache.
+
+The model (cycles on one SM, per k-tile, summed over the blocks an SM runs)::
+
+    mma:    pg*q*mt*nt mma per warp per k-step at ~0.67 m16n8k256 per clock per SM
+    bytes:  (pg*BLOCK_M + q*BLOCK_N) * 32 bytes per k-step from L2 at ~24 bytes per clock per SM
+    floor:  ~150 clocks of pipeline latency per k-tile, hidden by other resident blocks
+
+ranks candidates; ``autotune`` times the best few on the GPU and remembers the
+winner in a JSON file (``$APNUMBA_CACHE_DIR`` or ``~/.cache/apnumba``), keyed by
+the card, the precisions and the shape, so a second run does not tune again.
+"""
+
+import json
+import math
+import os
+from pathlib import Path
+import threading
+
+from .kernels.apmm import MAX_THREADS, TileConfig
+
+SMS = 132
+MMA_PER_CLOCK = 0.67
+L2_BYTES_PER_CLOCK = 24.0
+PIPELINE_FLOOR = 150.0
+MAX_MMA_PER_WARP = 32  # 128 accumulator registers
+REGISTERS_PER_SM = 65536
+SHARED_PER_SM = 227 * 1024
+MAX_SHARED_PER_BLOCK = 227 * 1024
+WARP_LAYOUTS = ((2, 2, 1), (4, 2, 1), (2, 4, 1), (2, 1, 1), (1, 2, 1), (1, 1, 1), (1, 1, 2), (1, 1, 4), (2, 1, 2), (1, 2, 2), (4, 1, 1), (1, 4, 1))
+
+
+def _divisors(p):
+    return [d for d in range(p, 0, -1) if p % d == 0]
+
+
+def registers_estimate(mma_per_warp):
+    """Registers per thread (fitted to ptxas: 32 mma per warp -> ~206)."""
+    return min(255, int(5.25 * mma_per_warp + 38))
+
+
+def blocks_per_sm(config, p, q):
+    regs = registers_estimate(config.mma_per_step(p, q)) * config.threads
+    by_regs = REGISTERS_PER_SM // max(regs, 1)
+    by_smem = SHARED_PER_SM // max(config.shared_bytes(p, q), 1)
+    by_threads = 2048 // config.threads
+    return max(0, min(by_regs, by_smem, by_threads, 32))
+
+
+def estimate_cycles(config, p, q, M, N, K):
+    """Modelled cycles for the whole product (lower is better); inf if the config cannot run."""
+    bps = blocks_per_sm(config, p, q)
+    if bps == 0 or config.shared_bytes(p, q) > MAX_SHARED_PER_BLOCK:
+        return math.inf
+    blocks = math.ceil(M / config.block_m) * math.ceil(N / config.block_n)
+    k_steps = math.ceil(K / 256)
+    k_tiles = math.ceil(k_steps / config.warps_k) * config.passes(p)
+    mma = config.mma_per_step(p, q) * config.warps_m * config.warps_n * config.warps_k
+    bytes_ = (config.group(p) * config.block_m + q * config.block_n) * 32 * config.warps_k
+    busy = math.ceil(blocks / SMS) * max(mma / MMA_PER_CLOCK, bytes_ / L2_BYTES_PER_CLOCK)
+    latency = math.ceil(blocks / (SMS * bps)) * PIPELINE_FLOOR
+    return k_tiles * max(busy, latency)
+
+
+def candidates(p, q, M, N, K, limit=4):
+    """The ``limit`` best-ranked tile configurations for this product, best first."""
+    m_cap = max(1, 2 ** math.ceil(math.log2(math.ceil(M / 16))))
+    n_cap = max(1, 2 ** math.ceil(math.log2(math.ceil(N / 8))))
+    ranked = []
+    for pg in _divisors(p):
+        for mt in (1, 2, 4):
+            for nt in (1, 2, 4, 8):
+                if mt > m_cap or nt > n_cap or pg * q * mt * nt > MAX_MMA_PER_WARP:
+                    continue
+                for wm, wn, wk in WARP_LAYOUTS:
+                    if 32 * wm * wn * wk > MAX_THREADS:
+                        continue
+                    if wm * mt > m_cap or wn * nt > n_cap:
+                        continue
+                    for stages in (4, 3):
+                        cfg = TileConfig(wm, wn, mt, nt, stages, 0 if pg == p else pg, wk)
+                        cost = estimate_cycles(cfg, p, q, M, N, K)
+                        if math.isfinite(cost):
+                            # Ties: more mma per warp (latency hiding), then fewer threads.
+                            ranked.append((cost, -cfg.mma_per_step(p, q), cfg.threads, cfg.short(), cfg))
+                            break
+    ranked.sort(key=lambda r: r[:4])
+    return [r[-1] for r in ranked[:limit]]
+
+
+def default_config(p, q, M, N, K):
+    return candidates(p, q, M, N, K, limit=1)[0]
+
+
+# ---- the on-disk cache of autotuned choices ------------------------------------------------
+
+_lock = threading.Lock()
+
+
+def cache_path():
+    root = os.environ.get("APNUMBA_CACHE_DIR") or os.path.join(Path.home(), ".cache", "apnumba")
+    return Path(root) / "apmm_tiles.json"
+
+
+def cache_key(device, p, q, M, N, K, out_float):
+    return f"{device}|w{p}a{q}|{M}x{N}x{K}|{'f32' if out_float else 'i32'}"
+
+
+def load_cache():
+    try:
+        with open(cache_path()) as f:
+            data = json.load(f)
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def cached_config(key):
+    entry = load_cache().get(key)
+    if not entry:
+        return None
+    try:
+        return TileConfig(**entry["config"])
+    except (TypeError, ValueError, KeyError):
+        return None
+
+
+def store_config(key, config, timings):
+    """Remember ``config`` for ``key``; written atomically so a crash cannot corrupt the cache."""
+    with _lock:
+        data = load_cache()
+        data[key] = {"config": config.__dict__.copy(), "timings_us": timings}
+        path = cache_path()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        with open(tmp, "w") as f:
+            json.dump(data, f, indent=1, sort_keys=True)
+        os.replace(tmp, path)

@@ -1,0 +1,301 @@
+#!/usr/bin/env python
+"""apnumba's benchmark report.
+
+    python bench.py                      every section (peak, apmm)
+    python bench.py apmm --quick         a section, smaller and untuned (about a minute)
+    python bench.py apmm --bits w1a2 w2a2 --json out.json
+
+Every ratio is against the b1 mma.sync peak measured at the start of the same run,
+on the same card.  Operations: logical = 2*M*N*K; bit-ops = logical * p * q.
+GPU time per call comes from a CUDA graph of many calls (launch gaps excluded);
+Python wall time per call is measured separately.  Without a GPU the script says
+so, runs a small correctness demo on the CPU reference, and exits 0.
+"""
+
+import argparse
+import json
+import platform
+import sys
+import time
+
+import numpy as np
+from rich.console import Console
+from rich.progress import Progress
+from rich.table import Table
+
+console = Console()
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def versions():
+    import numba
+
+    out = {"python": platform.python_version(), "numpy": np.__version__, "numba": numba.__version__}
+    try:
+        from importlib.metadata import version
+
+        out["numba-cuda"] = version("numba-cuda")
+        out["apnumba"] = version("apnumba")
+    except Exception:
+        pass
+    try:
+        import torch
+
+        out["torch"] = torch.__version__
+    except Exception:
+        pass
+    return out
+
+
+def torch_or_none():
+    try:
+        import torch
+
+        return torch if torch.cuda.is_available() else None
+    except Exception:
+        return None
+
+
+def torch_gpu_time(torch, fn, calls=50, replays=5):
+    """Median GPU microseconds per fn() call, from a CUDA graph of `calls` calls."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(calls):
+            fn()
+    g.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(replays):
+        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        g.replay()
+        stop.record()
+        stop.synchronize()
+        times.append(1e3 * start.elapsed_time(stop) / calls)
+    return float(np.median(times))
+
+
+def calls_for(us_estimate, budget_us=20000, lo=2, hi=200):
+    return int(max(lo, min(hi, budget_us // max(us_estimate, 1))))
+
+
+# ---------------------------------------------------------------- sections
+
+
+def section_peak(args, report):
+    """The b1 mma.sync instruction rate: register-only loops, 4 blocks of 8 warps per SM."""
+    from numba import cuda
+
+    from apnumba.kernels import probe
+
+    sms = cuda.get_current_device().MULTIPROCESSOR_COUNT
+    blocks, threads = 4 * sms, 256
+    out = cuda.device_array(blocks * threads, dtype=np.int32)
+    rows = []
+    for shape, op, chains in [("m16n8k256", "and", 8), ("m16n8k256", "and", 4), ("m8n8k128", "and", 8), ("m16n8k256", "xor", 8)]:
+        kernel = probe.peak_kernel(shape, op, chains)
+        iters = 256 if args.quick else 2048
+        kernel[blocks, threads](8, 1, out)  # compile + warm up
+        cuda.synchronize()
+        best = None
+        for _ in range(3):
+            start, stop = cuda.event(), cuda.event()
+            start.record()
+            kernel[blocks, threads](iters, 1, out)
+            stop.record()
+            stop.synchronize()
+            ms = cuda.event_elapsed_time(start, stop)
+            best = ms if best is None else min(best, ms)
+        mmas = blocks * (threads // 32) * iters * chains
+        tops = mmas * probe.ops_per_mma(shape) / (best * 1e-3) / 1e12
+        rows.append({"instruction": f"mma.sync {shape} .{op}.popc", "chains": chains, "tops": tops})
+    report["peak_tops"] = rows[0]["tops"]
+    report["peak"] = rows
+    table = Table(title=f"b1 mma.sync peak on {report['device']} ({sms} SMs)")
+    for col in ("instruction", "independent accumulators", "TOPS"):
+        table.add_column(col, justify="right" if col != "instruction" else "left")
+    for r in rows:
+        table.add_row(r["instruction"], str(r["chains"]), f"{r['tops']:,.0f}")
+    console.print(table)
+    console.print(f"Ratios below are against [bold]{report['peak_tops']:,.0f} TOPS[/] (m16n8k256 AND, 8 chains).")
+
+
+def _apmm_case(name, p, q, M, N, K, args, torch, stream):
+    from numba import cuda
+
+    from apnumba import reference as R
+    from apnumba.graph import gpu_time_per_call
+    from apnumba.matmul import apmm, choose_config
+    from apnumba.packed import PackedTensor
+    from apnumba.precision import parse_wa
+
+    rng = np.random.default_rng(p * 100 + q)
+    pw, px = parse_wa(f"w{p}a{q}")  # +-1 weights at 1 bit, else signed; unsigned activations
+    W = PackedTensor.from_codes(R.random_codes(rng, (M, K), pw), pw)
+    X = PackedTensor.from_codes(R.random_codes(rng, (N, K), px), px)
+    out = cuda.device_array((M, N), dtype=np.int32)
+    cfg = choose_config(p, q, M, N, K, False, autotune=not args.quick)
+    run = lambda: apmm(W, X, out=out, config=cfg, stream=stream)  # noqa: E731
+    run()
+    stream.synchronize()
+    logical = 2.0 * M * N * K
+    est_us = logical * p * q / 8e15 * 1e6
+    gpu_us = gpu_time_per_call(stream, run, calls=calls_for(est_us), replays=3)
+    t0 = time.perf_counter()
+    reps = 50
+    for _ in range(reps):
+        run()
+    stream.synchronize()
+    py_us = (time.perf_counter() - t0) / reps * 1e6
+    row = {
+        "case": name, "bits": f"w{p}a{q}", "M": M, "N": N, "K": K, "tile": cfg.short(),
+        "gpu_us": gpu_us, "python_us": py_us,
+        "logical_tops": logical / gpu_us / 1e6, "bit_tops": logical * p * q / gpu_us / 1e6,
+    }
+    if torch is not None:
+        a = torch.randn(M, K, device="cuda", dtype=torch.float16)
+        b = torch.randn(K, N, device="cuda", dtype=torch.float16)
+        row["torch_fp16_us"] = torch_gpu_time(torch, lambda: a @ b, calls=calls_for(logical / 6e14 * 1e6))
+        try:
+            a8 = torch.randint(-8, 8, (M, K), device="cuda", dtype=torch.int8)
+            b8 = torch.randint(-8, 8, (K, N), device="cuda", dtype=torch.int8)
+            row["torch_int8_us"] = torch_gpu_time(torch, lambda: torch._int_mm(a8, b8), calls=calls_for(logical / 1e15 * 1e6))
+        except Exception as e:  # _int_mm has shape rules (M > 16, multiples of 8)
+            row["torch_int8_us"] = None
+            row["torch_int8_note"] = str(e).splitlines()[0][:80]
+        del a, b
+    return row
+
+
+def apmm_cases(args):
+    big = 4096 if args.quick else 8192
+    large_bits = [(1, 1), (1, 2), (2, 2), (1, 4), (4, 4), (8, 8)]
+    sweep_bits = [(1, 2), (1, 3), (1, 4), (2, 2)]
+    fc_shapes = [(4096, 9216), (4096, 4096), (1000, 4096), (4096, 25088)]
+    fc_bits = [(1, 2), (2, 2)]
+    batches = [8, 256]
+    if args.bits:
+        from apnumba.precision import parse_wa
+
+        wanted = {(parse_wa(b)[0].bits, parse_wa(b)[1].bits) for b in args.bits}
+        large_bits = [b for b in large_bits if b in wanted] or sorted(wanted)
+        sweep_bits = [b for b in sweep_bits if b in wanted] or sorted(wanted)
+        fc_bits = sorted(wanted)
+    if args.batch:
+        batches = args.batch
+    cases = [(f"large {big}^3", p, q, big, big, big) for p, q in large_bits]
+    sizes = [128, 512, 1024] if args.quick else [128, 256, 384, 512, 640, 768, 896, 1024]
+    cases += [(f"APNN-TC sweep", p, q, 64, n, n) for p, q in sweep_bits for n in sizes]
+    if not args.quick:
+        cases += [(f"FC batch {bt}", p, q, m, bt, k) for p, q in fc_bits for bt in batches for m, k in fc_shapes]
+    return cases
+
+
+def section_apmm(args, report):
+    from numba import cuda
+
+    torch = torch_or_none()
+    stream = cuda.stream()
+    rows = []
+    cases = apmm_cases(args)
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task("apmm", total=len(cases))
+        for name, p, q, M, N, K in cases:
+            progress.update(task, description=f"apmm {name} w{p}a{q} {M}x{N}x{K}")
+            rows.append(_apmm_case(name, p, q, M, N, K, args, torch, stream))
+            progress.advance(task)
+    peak = report["peak_tops"]
+    for r in rows:
+        r["bit_tops_over_peak"] = r["bit_tops"] / peak
+    report["apmm"] = rows
+    table = Table(title=f"APMM on {report['device']}: Y = W (MxK, p bits) . X (NxK, q bits), int32 out")
+    cols = ["case", "bits", "M x N x K", "tile", "GPU us", "Python us", "logical TOPS", "bit-TOPS", "% of peak"]
+    if torch is not None:
+        cols += ["torch fp16 us", "torch int8 us", "vs fp16"]
+    for c in cols:
+        table.add_column(c, justify="left" if c in ("case", "bits", "tile") else "right")
+    for r in rows:
+        cells = [r["case"], r["bits"], f"{r['M']}x{r['N']}x{r['K']}", r["tile"], f"{r['gpu_us']:.2f}",
+                 f"{r['python_us']:.1f}", f"{r['logical_tops']:,.0f}", f"{r['bit_tops']:,.0f}",
+                 f"{100 * r['bit_tops_over_peak']:.1f}%"]
+        if torch is not None:
+            i8 = r.get("torch_int8_us")
+            cells += [f"{r['torch_fp16_us']:.2f}", f"{i8:.2f}" if i8 else "n/a", f"{r['torch_fp16_us'] / r['gpu_us']:.1f}x"]
+        table.add_row(*cells)
+    console.print(table)
+    console.print("% of peak = bit-TOPS / measured b1 mma.sync peak.  GPU us: CUDA graph of many calls, event-timed.")
+
+
+def cpu_demo():
+    """No GPU: show that the emulated product equals integer arithmetic, on the numpy reference."""
+    from apnumba import reference as R
+    from apnumba.device import NO_GPU_HELP
+    from apnumba.precision import parse_wa
+
+    console.print(f"[bold yellow]No usable CUDA GPU here.[/] {NO_GPU_HELP}")
+    console.print("Running a small correctness demo of the bit-plane algebra on the CPU reference instead.\n")
+    rng = np.random.default_rng(0)
+    table = Table(title="apmm reference (packed planes, AND, popc) vs integer W @ X.T")
+    for c in ("bits", "M x N x K", "plane pairs", "equal"):
+        table.add_column(c)
+    ok = True
+    for spec in ("w1a1", "w1a2", "w2a2", "wb1ab1", "w4a4", "w8a8"):
+        pw, px = parse_wa(spec)
+        w = R.random_codes(rng, (33, 300), pw)
+        x = R.random_codes(rng, (17, 300), px)
+        same = bool((R.apmm(w, x, pw, px) == R.matmul_int(w, x)).all())
+        ok &= same
+        table.add_row(f"w{pw}a{px}", "33x17x300", str(pw.bits * px.bits), "yes" if same else "[red]NO[/]")
+    console.print(table)
+    return ok
+
+
+SECTIONS = {"peak": section_peak, "apmm": section_apmm}
+PLANNED = {"conv": "APConv (issue 4)", "nets": "networks (issue 5)"}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("sections", nargs="*", help=f"sections to run (default all): {', '.join(SECTIONS)}")
+    parser.add_argument("--quick", action="store_true", help="smaller sizes, no autotuning (about a minute)")
+    parser.add_argument("--json", metavar="FILE", help="write every figure, the card, versions and the peak to FILE")
+    parser.add_argument("--bits", nargs="+", metavar="wXaY", help="bit widths to run, e.g. w1a2 w2a2")
+    parser.add_argument("--batch", nargs="+", type=int, metavar="B", help="batch sizes for the FC / network cases")
+    args = parser.parse_args(argv)
+
+    unknown = [s for s in args.sections if s not in SECTIONS and s not in PLANNED]
+    if unknown:
+        parser.error(f"unknown section(s) {unknown}; expected some of {list(SECTIONS) + list(PLANNED)}")
+    for s in args.sections:
+        if s in PLANNED:
+            console.print(f"[yellow]Section '{s}' ({PLANNED[s]}) is not implemented yet; skipping it.[/]")
+    wanted = [s for s in (args.sections or list(SECTIONS)) if s in SECTIONS]
+
+    from apnumba.device import device_name, gpu_available
+
+    if not gpu_available():
+        return 0 if cpu_demo() else 1
+
+    report = {"device": device_name(), "versions": versions(), "argv": sys.argv[1:], "quick": args.quick}
+    console.print(f"[bold]apnumba bench[/] on {report['device']}  ({', '.join(f'{k} {v}' for k, v in report['versions'].items())})")
+    section_peak(args, report)  # every ratio needs the peak of this run
+    for name in wanted:
+        if name != "peak":
+            SECTIONS[name](args, report)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
+        console.print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,84 @@
+"""Checks shared by the simulator tests and the GPU tests: run a kernel, compare with the reference."""
+
+import numpy as np
+from numba import cuda
+
+from apnumba import reference as R
+from apnumba.kernels import probe
+from apnumba.matmul import apmm
+from apnumba.packed import PackedTensor
+from apnumba.precision import Encoding, Precision, quantize
+
+ENCODINGS_BY_BITS = {1: ["binary", "unsigned", "signed"]}
+
+
+def precisions(bits):
+    return [Precision(bits, e) for e in ENCODINGS_BY_BITS.get(bits, ["unsigned", "signed"])]
+
+
+INT_POISON = np.int32(-(2**31))  # no product of in-range operands is this value
+FLOAT_POISON = np.float32(np.nan)
+
+
+def check_tiles(rng, shape, op, tiles):
+    """Random tiles through probe.tile_kernel against numpy: D = popc(A op B) + C."""
+    m, n, k = probe.MMA_SHAPES[shape]
+    words = k // 32
+    a = rng.integers(0, 2**32, (tiles, m, words), dtype=np.uint64).astype(np.uint32)
+    b = rng.integers(0, 2**32, (tiles, n, words), dtype=np.uint64).astype(np.uint32)
+    c = rng.integers(-1000, 1000, (tiles, m, n)).astype(np.int32)
+    d = cuda.to_device(np.full(tiles * m * n, INT_POISON))
+    probe.tile_kernel(shape, op)[tiles, 32](
+        cuda.to_device(a.ravel()), cuda.to_device(b.ravel()), cuda.to_device(c.ravel()), d
+    )
+    both = (a[:, :, None, :] & b[:, None, :, :]) if op == "and" else (a[:, :, None, :] ^ b[:, None, :, :])
+    expect = np.bitwise_count(both).sum(axis=-1).astype(np.int32) + c
+    got = d.copy_to_host().reshape(tiles, m, n)
+    assert (got == expect).all(), f"{shape} {op}: {np.argwhere(got != expect)[:5]}"
+
+
+def check_pack(rng, rows, K, precision, dtype=np.float32, zero_point=0, per_row_scale=False):
+    """GPU quantize+pack vs the reference quantizer and packer; rowsum; unpack round trip."""
+    x = (rng.standard_normal((rows, K)) * 2.5).astype(dtype)
+    flat = x.ravel()
+    specials = np.array([0.5, 1.5, -2.5, np.nan, -0.0, np.inf, -np.inf, 6e4], dtype=dtype)
+    flat[: min(flat.size, specials.size)] = specials[: flat.size]
+    scale = np.float32(rng.uniform(0.3, 1.5, rows) if per_row_scale else rng.uniform(0.3, 1.5))
+    zp = zero_point if precision.encoding is Encoding.UNSIGNED else 0
+    t = PackedTensor.from_float(cuda.to_device(x), precision, scale, zp)
+    q = quantize(x.astype(np.float32), precision, scale, zp)
+    assert (t.words_host() == R.pack(q, precision)).all()
+    assert (t.rowsum_host() == R.row_sums(q)).all()
+    assert (t.codes() == q).all()
+
+
+def check_apmm(rng, pw, px, M, N, K, config=None, out_float=False, layout="mn", zw=0, zx=0, w_extreme=False):
+    """apmm on random codes vs the plain integer product (and its float32 epilogue), poisoned output."""
+    w = R.random_codes(rng, (M, K), pw)
+    x = R.random_codes(rng, (N, K), px)
+    if w_extreme:  # the largest magnitudes each correction term can see
+        w[:, : K // 2] = pw.lo
+        x[: N // 2] = px.hi if px.hi else px.lo
+    W = PackedTensor.from_codes(w, pw, zero_point=zw)
+    X = PackedTensor.from_codes(x, px, zero_point=zx)
+    exact = R.matmul_int(w, x, zw, zx)
+    assert (np.abs(exact) < 2**31).all()
+    shape = (M, N) if layout == "mn" else (N, M)
+    if out_float:
+        scale = rng.uniform(-2, 2, M).astype(np.float32)
+        bias = rng.uniform(-100, 100, M).astype(np.float32)
+        out = cuda.to_device(np.full(shape, FLOAT_POISON))
+        apmm(W, X, out=out, scale=scale, bias=bias, layout=layout, config=config)
+        expect = exact.astype(np.int32).astype(np.float32) * scale[:, None] + bias[:, None]
+    else:
+        out = cuda.to_device(np.full(shape, INT_POISON))
+        apmm(W, X, out=out, layout=layout, config=config)
+        expect = exact.astype(np.int32)
+    got = out.copy_to_host()
+    if layout == "nm":
+        got = got.T
+    bad = np.argwhere(got != expect)
+    assert bad.size == 0, (
+        f"w{pw}a{px} M={M} N={N} K={K} {config.short() if config else 'default'}: "
+        f"{len(bad)} wrong, first at {bad[:3].tolist()}: got {got[tuple(bad[0])]}, expected {expect[tuple(bad[0])]}"
+    )

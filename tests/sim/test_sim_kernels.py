@@ -1,0 +1,46 @@
+"""Kernels in numba's CUDA simulator, on tiny problems (run by tests/test_simulator.py in its own process)."""
+
+import numpy as np
+import pytest
+
+from apnumba.kernels.apmm import TileConfig
+from apnumba.precision import Precision
+
+from tests.conftest import requires_simulator
+from tests.helpers import check_apmm, check_pack, check_tiles
+
+pytestmark = requires_simulator
+
+
+@pytest.mark.parametrize("shape", ["m16n8k256", "m8n8k128"])
+@pytest.mark.parametrize("op", ["and", "xor"])
+def test_mma_fallbacks_match_the_fragment_layout(rng, shape, op):
+    check_tiles(rng, shape, op, tiles=2)
+
+
+@pytest.mark.parametrize("prec", ["b1", "u1", "s1", "u3", "s8"])
+def test_pack_and_unpack(rng, prec):
+    check_pack(rng, 3, 40, Precision.parse(prec), zero_point=1 if prec == "u3" else 0, per_row_scale=True)
+
+
+def test_pack_float16(rng):
+    check_pack(rng, 2, 300, Precision.parse("s4"), dtype=np.float16)
+
+
+# One-tile (or a few) problems through the full APMM kernel: pipeline, plane pairs, epilogue.
+CASES = [
+    ("u2", "u2", TileConfig(1, 1, 1, 2, 2), 13, 11, 300, False, "mn"),
+    ("b1", "u2", TileConfig(1, 1, 1, 2, 3), 16, 16, 500, True, "nm"),  # +-1 weights: SX correction
+    ("s3", "b1", TileConfig(1, 1, 1, 1, 2, 0, 2), 9, 5, 600, False, "mn"),  # K split over 2 warps
+    ("s2", "s2", TileConfig(1, 1, 1, 3, 2, 1), 7, 20, 100, True, "mn"),  # 2 passes, odd n-tiles
+    ("b1", "b1", TileConfig(2, 1, 1, 1, 2), 30, 8, 257, False, "mn"),
+]
+
+
+@pytest.mark.parametrize("pw,px,cfg,M,N,K,out_float,layout", CASES, ids=[f"{c[0]}x{c[1]}-{c[2].short()}" for c in CASES])
+def test_apmm_one_tile(rng, pw, px, cfg, M, N, K, out_float, layout):
+    check_apmm(rng, Precision.parse(pw), Precision.parse(px), M, N, K, cfg, out_float, layout, w_extreme=True)
+
+
+def test_apmm_zero_points(rng):
+    check_apmm(rng, Precision.parse("u3"), Precision.parse("u2"), 6, 9, 80, TileConfig(1, 1, 1, 2, 2), zw=5, zx=1)

@@ -1,0 +1,117 @@
+"""No GPU needed: every kernel compiles to PTX (cc 8.0, 9.0) and SASS (nvJitLink); assert what matters.
+
+- the b1 mma with AND is there (``BMMA.168256.AND.POPC``), no XOR form, no call into
+  a routine (on sm_90 the XOR form becomes such a call plus two AND BMMAs: shown below);
+- no local memory (stack, spills, lmem) - accumulators and fragments stay in registers;
+- register counts are printed (pytest -s) for the record.
+"""
+
+import itertools
+
+import pytest
+
+from apnumba.kernels import pack, probe
+from apnumba.kernels.apmm import TileConfig, apmm_kernel
+from apnumba.kernels.ptx import SIMULATOR
+from apnumba.matmul import _signature
+from apnumba.tuning import default_config
+
+pytestmark = pytest.mark.skipif(SIMULATOR, reason="PTX/SASS tests need the real numba.cuda, not the simulator")
+
+sass = pytest.importorskip("apnumba.kernels.sass")
+CCS = [(8, 0), (9, 0)]
+
+
+def check_clean(c, bmma="BMMA.168256.AND.POPC", count=None, calls_ok=False):
+    ops = c.opcodes()
+    if bmma:
+        assert ops[bmma] >= (count or 1), f"expected {bmma} in SASS, got {sorted(k for k in ops if 'MMA' in k)}"
+    assert not [k for k in ops if "XOR" in k and "MMA" in k], "an XOR BMMA crept in"
+    # An emulation routine (the XOR BMMA on sm_90, a slow warp-sync) is an absolute call;
+    # ptxas also uses CALL.REL as a local jump in some loops, which is harmless.
+    calls = [k for k in ops if k.startswith("CALL.ABS")]
+    assert calls_ok or not calls, f"a call into a routine crept in (an emulation?): {calls}"
+    assert c.stack_bytes == 0 and c.local_bytes == 0 and c.spill_bytes == 0, (
+        f"local memory: stack {c.stack_bytes}, lmem {c.local_bytes}, spills {c.spill_bytes}"
+    )
+    assert not [k for k in ops if k.startswith(("LDL", "STL"))]
+
+
+@pytest.mark.parametrize("cc", CCS, ids=lambda cc: f"sm_{cc[0]}{cc[1]}")
+@pytest.mark.parametrize("shape", ["m16n8k256", "m8n8k128"])
+def test_mma_intrinsics(cc, shape):
+    c = sass.compile_kernel(probe.tile_kernel(shape, "and").py_func, probe.TILE_SIGNATURE, cc)
+    assert f"mma.sync.aligned.{shape}.row.col.s32.b1.b1.s32.and.popc" in c.ptx
+    check_clean(c, {"m16n8k256": "BMMA.168256.AND.POPC", "m8n8k128": "BMMA.88128.AND.POPC"}[shape])
+
+
+@pytest.mark.parametrize("shape", ["m16n8k256", "m8n8k128"])
+def test_xor_is_native_on_ampere_and_emulated_on_hopper(shape):
+    """Why apnumba uses AND only: on sm_90 the XOR form is a call plus two AND BMMAs."""
+    tag = {"m16n8k256": "168256", "m8n8k128": "88128"}[shape]
+    fn = probe.tile_kernel(shape, "xor").py_func
+    ampere = sass.compile_kernel(fn, probe.TILE_SIGNATURE, (8, 0)).opcodes()
+    hopper = sass.compile_kernel(fn, probe.TILE_SIGNATURE, (9, 0)).opcodes()
+    assert ampere[f"BMMA.{tag}.XOR.POPC"] == 1
+    assert hopper[f"BMMA.{tag}.XOR.POPC"] == 0
+    assert hopper[f"BMMA.{tag}.AND.POPC"] == 2
+    assert any(k.startswith("CALL.ABS") for k in hopper)
+
+
+@pytest.mark.parametrize("cc", CCS, ids=lambda cc: f"sm_{cc[0]}{cc[1]}")
+def test_peak_microbenchmark_kernel(cc):
+    c = sass.compile_kernel(probe.peak_kernel("m16n8k256", "and", 8).py_func, probe.PEAK_SIGNATURE, cc)
+    check_clean(c, count=8)
+
+
+@pytest.mark.parametrize("cc", CCS, ids=lambda cc: f"sm_{cc[0]}{cc[1]}")
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_pack_kernels(cc, dtype):
+    sig = (f"void({dtype}[::1], int32, int32, int32, float32[::1], int32, int32, int32, int32, "
+           "uint32[::1], int32, int32[::1])")
+    c = sass.compile_kernel(pack.pack_rows_kernel.py_func, sig, cc)
+    assert "vote.sync.ballot.b32" in c.ptx and "div.rn.f32" in c.ptx and "cvt.rni.f32.f32" in c.ptx
+    # The only calls are IEEE division's slow path (denormal / huge operands), taken on a branch.
+    check_clean(c, bmma=None, calls_ok=True)
+    assert c.opcodes()["VOTE.ANY"] >= 8  # ballots with an immediate mask: no warp-sync routine
+    u = sass.compile_kernel(
+        pack.unpack_rows_kernel.py_func, "void(uint32[::1], int32, int32, int32, int32, int32, int32[::1])", cc
+    )
+    check_clean(u, bmma=None)
+
+
+# The specialisations the library ships by default: every (p, q) at its large-problem tile,
+# and the small-problem tiles (K split across warps, odd n-tiles, plane groups) for a few.
+LARGE = [(p, q, default_config(p, q, 8192, 8192, 8192)) for p, q in itertools.product(range(1, 9), repeat=2)]
+SMALL = [
+    (p, q, default_config(p, q, M, N, K))
+    for (p, q), (M, N, K) in itertools.product([(1, 2), (2, 2), (1, 4), (1, 1)], [(64, 1024, 1024), (4096, 8, 9216)])
+] + [(2, 3, TileConfig(1, 1, 1, 3, 2, 1)), (8, 8, TileConfig(2, 2, 1, 1, 4, 4, 2))]
+
+
+def _apmm_sass(p, q, cfg, out_float, cc):
+    return sass.compile_kernel(apmm_kernel(p, q, cfg, out_float).py_func, _signature(out_float), cc)
+
+
+@pytest.mark.parametrize("p,q,cfg", LARGE, ids=lambda v: str(v.short()) if isinstance(v, TileConfig) else str(v))
+def test_apmm_large_tiles_sm90(p, q, cfg):
+    c = _apmm_sass(p, q, cfg, False, (9, 0))
+    # every mma of a k-step unrolled: pg * q * mt * nt per loop body (ptxas may unroll further)
+    check_clean(c, count=cfg.mma_per_step(p, q))
+    assert "ldmatrix.sync.aligned.m8n8.x" in c.ptx and "cp.async.cg.shared.global" in c.ptx
+    print(f"apmm w{p}a{q} {cfg.short()}: {c.registers} registers")
+
+
+@pytest.mark.parametrize("p,q,cfg", SMALL, ids=lambda v: str(v.short()) if isinstance(v, TileConfig) else str(v))
+@pytest.mark.parametrize("out_float", [False, True], ids=["i32", "f32"])
+def test_apmm_small_tiles_sm90(p, q, cfg, out_float):
+    c = _apmm_sass(p, q, cfg, out_float, (9, 0))
+    check_clean(c, count=cfg.mma_per_step(p, q))
+    print(f"apmm w{p}a{q} {cfg.short()} {'f32' if out_float else 'i32'}: {c.registers} registers")
+
+
+@pytest.mark.parametrize("p,q", [(1, 1), (1, 2), (2, 2), (8, 8)])
+def test_apmm_sm80(p, q):
+    cfg = default_config(p, q, 8192, 8192, 8192)
+    c = _apmm_sass(p, q, cfg, True, (8, 0))
+    check_clean(c, count=cfg.mma_per_step(p, q))

@@ -1,0 +1,123 @@
+"""On a GPU (skipped cleanly without one): intrinsics, packing and APMM at real sizes against the reference."""
+
+import itertools
+
+import numpy as np
+import pytest
+from numba import cuda
+
+from apnumba import reference as R
+from apnumba.device import AccumulatorOverflowError
+from apnumba.kernels.apmm import TileConfig
+from apnumba.matmul import apmm, matmul
+from apnumba.packed import PackedTensor
+from apnumba.precision import Precision, quantize
+from apnumba.tuning import candidates, default_config
+from tests.conftest import requires_gpu
+from tests.helpers import check_apmm, check_pack, check_tiles, precisions
+
+pytestmark = requires_gpu
+
+
+@pytest.mark.parametrize("shape", ["m16n8k256", "m8n8k128"])
+@pytest.mark.parametrize("op", ["and", "xor"])
+def test_mma_tiles_at_scale(rng, shape, op):
+    check_tiles(rng, shape, op, tiles=4096)
+
+
+@pytest.mark.parametrize("prec", ["b1", "u1", "s1", "u2", "s3", "u4", "s8", "u8"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16], ids=["f32", "f16"])
+def test_pack_at_scale(rng, prec, dtype):
+    check_pack(rng, 1000, 3000, Precision.parse(prec), dtype, zero_point=3 if prec.startswith("u") else 0,
+               per_row_scale=prec.endswith("4"))
+
+
+def test_pack_shapes_not_multiple_of_anything(rng):
+    for rows, K in [(1, 1), (7, 33), (129, 257), (3, 1000)]:
+        check_pack(rng, rows, K, Precision.parse("s2"))
+
+
+# Every p, q in 1..8 crossed with every encoding pair, at a modest ragged size, on the tile the
+# library picks for that size and on the tile it picks for 8192^3 (the big kernels).
+BIT_PAIRS = list(itertools.product(range(1, 9), repeat=2))
+
+
+@pytest.mark.parametrize("p,q", BIT_PAIRS)
+def test_apmm_every_precision_and_encoding(rng, p, q):
+    M, N, K = 150, 97, 1000
+    for tile in (default_config(p, q, M, N, K), default_config(p, q, 8192, 8192, 8192)):
+        for pw, px in itertools.product(precisions(p), precisions(q)):
+            check_apmm(rng, pw, px, M, N, K, tile, w_extreme=True)
+
+
+RAGGED = [1, 7, 33, 129, 1000]
+
+
+@pytest.mark.parametrize("bits", ["b1u2", "s2u2", "b1b1", "u1s4", "s8u8"])
+def test_apmm_ragged_shapes(rng, bits):
+    pw, px = Precision.parse(bits[:2]), Precision.parse(bits[2:])
+    for M, N, K in itertools.product(RAGGED, RAGGED, [1, 33, 257, 1000]):
+        check_apmm(rng, pw, px, M, N, K)
+
+
+@pytest.mark.parametrize("p,q", [(1, 2), (2, 2), (1, 4), (8, 8)])
+def test_apmm_every_candidate_tile(rng, p, q):
+    """The autotuner may pick any candidate: each must be exact (big, small and K-split shapes)."""
+    for M, N, K in [(512, 512, 2048), (64, 1024, 1024), (1000, 8, 4096)]:
+        for cfg in candidates(p, q, M, N, K):
+            check_apmm(rng, precisions(p)[0], precisions(q)[-1], M + 3, N + 5, K - 9, cfg)
+
+
+@pytest.mark.parametrize("layout", ["mn", "nm"])
+@pytest.mark.parametrize("bits", ["b1u2", "s2s2", "u4b1"])
+def test_apmm_float_epilogue_and_layouts(rng, layout, bits):
+    check_apmm(rng, Precision.parse(bits[:2]), Precision.parse(bits[2:]), 300, 200, 1500, None, True, layout)
+
+
+def test_apmm_zero_points(rng):
+    check_apmm(rng, Precision.parse("u4"), Precision.parse("u3"), 100, 60, 900, zw=9, zx=3)
+
+
+def test_apmm_big_k_close_to_the_int32_limit(rng):
+    # K * 255 * 255 just under 2^31: the accumulator must not wrap anywhere on the way.
+    K = 33025
+    pw, px = Precision.parse("u8"), Precision.parse("u8")
+    w = np.full((20, K), 255)
+    x = np.full((18, K), 255)
+    x[1::2] = R.random_codes(rng, (9, K), px)
+    y = apmm(PackedTensor.from_codes(w, pw), PackedTensor.from_codes(x, px)).copy_to_host()
+    assert (y == R.matmul_int(w, x)).all()
+    with pytest.raises(AccumulatorOverflowError):
+        apmm(PackedTensor.from_codes(w[:, :1].repeat(K + 1, 1), pw), PackedTensor.from_codes(x[:, :1].repeat(K + 1, 1), px))
+
+
+def test_apmm_tile_configs_by_hand(rng):
+    for cfg in [TileConfig(1, 1, 1, 1, 2), TileConfig(4, 2, 4, 8, 4), TileConfig(1, 1, 2, 3, 3, 0, 4), TileConfig(2, 2, 1, 1, 4, 2, 2)]:
+        check_apmm(rng, Precision.parse("s4"), Precision.parse("u2"), 300, 77, 3000, cfg)
+
+
+def test_apmm_rejects_mismatched_operands():
+    w = PackedTensor.from_codes(np.zeros((4, 100), int), "u2")
+    x = PackedTensor.from_codes(np.zeros((3, 90), int), "u2")
+    with pytest.raises(ValueError, match="reduction lengths differ"):
+        apmm(w, x)
+    with pytest.raises(TypeError, match="x: expected a PackedTensor"):
+        apmm(w, np.zeros((3, 100)))
+    x = PackedTensor.from_codes(np.zeros((3, 100), int), "u2")
+    with pytest.raises(ValueError, match=r"out: expected int32 \(4, 3\)"):
+        apmm(w, x, out=cuda.device_array((3, 4), np.int32))
+    with pytest.raises(ValueError, match="scale: expected 4 values"):
+        apmm(w, x, scale=np.ones(3, np.float32))
+    with pytest.raises(ValueError, match="layout"):
+        apmm(w, x, layout="km")
+
+
+def test_matmul_convenience_from_floats_and_codes(rng):
+    w = rng.standard_normal((64, 500)).astype(np.float32)
+    x = np.abs(rng.standard_normal((40, 500))).astype(np.float32)
+    got = matmul(w, x, "s4", "u2", w_scale=0.4, x_scale=0.7)
+    expect = R.matmul_int(quantize(w, "s4", 0.4), quantize(x, "u2", 0.7))
+    assert (got == expect).all()
+    codes = R.random_codes(rng, (10, 300), Precision.parse("b1"))
+    xc = R.random_codes(rng, (9, 300), Precision.parse("u3"))
+    assert (matmul(codes, xc, "b1", "u3") == R.matmul_int(codes, xc)).all()

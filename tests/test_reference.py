@@ -1,0 +1,105 @@
+"""CPU: the packed layout and the emulated product against plain integer arithmetic."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from apnumba import reference as R
+from apnumba.device import AccumulatorOverflowError, check_accumulator, product_bound
+from apnumba.precision import Encoding, Precision
+
+ALL = [Precision(1, "binary")] + [Precision(b, e) for b in range(1, 9) for e in ("unsigned", "signed")]
+
+
+def test_layout_bit_positions_by_hand():
+    """bit i of words[j, r, w] is bit j of code (r, 32 w + i); rows padded to 8 words with zeros."""
+    codes = np.zeros((2, 40), np.int32)
+    codes[0, 0] = 1  # plane 0, word 0, bit 0
+    codes[0, 33] = 2  # plane 1, word 1, bit 1
+    codes[1, 39] = 3  # planes 0 and 1, word 1, bit 7
+    words = R.pack(codes, "u2")
+    assert words.shape == (2, 2, 8) and words.dtype == np.uint32
+    expect = np.zeros((2, 2, 8), np.uint32)
+    expect[0, 0, 0] = 1
+    expect[1, 0, 1] = 1 << 1
+    expect[0, 1, 1] = expect[1, 1, 1] = 1 << 7
+    assert (words == expect).all()
+
+
+def test_signed_and_binary_planes_by_hand():
+    w = R.pack(np.array([[-1, -4, 3]]), "s3")  # two's complement 111, 100, 011
+    assert [int(w[j, 0, 0]) for j in range(3)] == [0b101, 0b101, 0b011]
+    b = R.pack(np.array([[1, -1, 1, 1]]), "b1")  # bit = (v + 1) / 2
+    assert int(b[0, 0, 0]) == 0b1101
+
+
+def test_padded_words():
+    assert [R.padded_words(k) for k in (1, 256, 257, 1000)] == [8, 8, 16, 32]
+    with pytest.raises(ValueError, match="K: expected at least 1"):
+        R.padded_words(0)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 9), st.integers(1, 600), st.sampled_from(ALL), st.integers(0, 2**32 - 1))
+def test_pack_unpack_round_trip(rows, K, p, seed):
+    codes = R.random_codes(np.random.default_rng(seed), (rows, K), p)
+    words = R.pack(codes, p)
+    assert words.shape == (p.bits, rows, R.padded_words(K))
+    assert (R.unpack(words, p, K) == codes).all()
+    # padding bits are zero in every plane
+    tail = np.unpackbits(words.view(np.uint8), axis=-1, bitorder="little")[:, :, K:]
+    assert not tail.any()
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.integers(1, 20), st.integers(1, 20), st.integers(1, 700),
+    st.sampled_from(ALL), st.sampled_from(ALL), st.integers(0, 2**32 - 1),
+)
+def test_emulated_product_equals_integer_product(M, N, K, pw, px, seed):
+    rng = np.random.default_rng(seed)
+    w = R.random_codes(rng, (M, K), pw)
+    x = R.random_codes(rng, (N, K), px)
+    assert (R.apmm(w, x, pw, px) == R.matmul_int(w, x)).all()
+
+
+@pytest.mark.parametrize("pw", ALL, ids=str)
+@pytest.mark.parametrize("px", ALL, ids=str)
+def test_every_encoding_pair_at_extreme_values(pw, px):
+    """All-max and all-min operands: the largest magnitudes each correction term sees."""
+    K = 300
+    for wv in (pw.lo, pw.hi):
+        for xv in (px.lo, px.hi):
+            w = np.full((3, K), wv)
+            x = np.full((2, K), xv)
+            assert (R.apmm(w, x, pw, px) == K * wv * xv).all()
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.integers(1, 8), st.integers(1, 8), st.integers(1, 300), st.integers(0, 2**32 - 1))
+def test_zero_points(bw, bx, K, seed):
+    rng = np.random.default_rng(seed)
+    pw, px = Precision(bw, "unsigned"), Precision(bx, "unsigned")
+    zw, zx = int(rng.integers(0, 2**bw)), int(rng.integers(0, 2**bx))
+    w = R.random_codes(rng, (4, K), pw)
+    x = R.random_codes(rng, (5, K), px)
+    assert (R.apmm(w, x, pw, px, zw, zx) == R.matmul_int(w, x, zw, zx)).all()
+
+
+def test_reference_checks_its_input():
+    with pytest.raises(ValueError, match="same K"):
+        R.apmm(np.zeros((2, 3), int), np.zeros((2, 4), int), "u1", "u1")
+    with pytest.raises(ValueError, match="x: precision u1 holds 0..1, got 2"):
+        R.apmm(np.zeros((2, 3), int), np.full((2, 3), 2), "u1", "u1")
+    with pytest.raises(ValueError, match=r"words: expected shape \(2, rows, 8\)"):
+        R.unpack(np.zeros((1, 2, 8), np.uint32), "u2", 10)
+
+
+def test_accumulator_overflow_is_refused_before_launch():
+    check_accumulator(33025, "u8", "u8")  # 33025 * 255 * 255 < 2^31
+    with pytest.raises(AccumulatorOverflowError, match="K must be at most 33025"):
+        check_accumulator(33026, "u8", "u8")
+    assert product_bound(100, "s8", "s8") == 100 * 128 * 128
+    assert product_bound(10, "u2", "u2", 0, 3) == 10 * 3 * 3
+    # binary x binary never overflows for any sensible K
+    check_accumulator(2**30, "b1", "b1")
