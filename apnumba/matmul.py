@@ -14,7 +14,7 @@ from numba import cuda, float32, int32, uint32
 from . import reference, tuning
 from .device import as_device_array, check_accumulator, device_name, require_gpu
 from .kernels.apmm import apmm_kernel
-from .kernels.launch import compiled
+from .kernels.launch import CompiledKernel
 from .kernels.ptx import SIMULATOR
 from .packed import PackedTensor
 from .precision import Precision
@@ -32,7 +32,7 @@ def _signature(out_float):
 def launcher(p, q, config, out_float):
     """The compiled kernel for (p, q, config, output type), ready to launch."""
     kernel = apmm_kernel(p, q, config, out_float)
-    return compiled(kernel, _signature(out_float), config.shared_bytes(p, q))
+    return CompiledKernel(kernel, _signature(out_float), config.shared_bytes(p, q))
 
 
 @functools.lru_cache(maxsize=None)
@@ -88,7 +88,7 @@ def autotune_config(p, q, M, N, K, out_float, key=None):
     stream = cuda.stream()
     calls = int(max(2, min(100, 2e4 / max(1.0, 2.0 * M * N * K * p * q / 8e9))))
     timings = {}
-    for cfg in tuning.candidates(p, q, M, N, K):
+    for cfg in tuning.candidates(p, q, M, N, K, limit=3):
         timings[cfg] = gpu_time_per_call(
             stream, lambda: apmm(w, x, out=y, scale=scale, config=cfg, stream=stream), calls=calls, replays=3
         )
@@ -103,22 +103,31 @@ def autotune_config(p, q, M, N, K, out_float, key=None):
 def apmm(w, x, *, out=None, scale=None, bias=None, out_dtype=None, layout="mn", config=None, autotune=False, stream=0):
     """Y[m, n] = sum_k (W[m, k] - zw)(X[n, k] - zx) on the binary tensor cores, exact.
 
-    (zw, zx: the tensors' zero points, usually 0; the product is of the values the codes stand for.)
-
-    w, x:      PackedTensor (M, K) and (N, K), any precisions (``apnumba.precision``).
+    w, x:      PackedTensor (M, K) and (N, K), any precisions (``apnumba.precision``);
+               zw, zx are their zero points (usually 0).
     out:       optional device array to write: (M, N) for layout "mn", (N, M) for "nm".
     scale, bias: per-row (M) float32; if either is given (or out_dtype is float32) the output is
-               float32 ``Y * scale + bias``, else int32 ``Y``.
+               float32 ``Y * scale + bias`` (each operation rounded, as numpy does), else int32 ``Y``.
     config:    a TileConfig; by default the cached autotuned one, else the cost model's best
                (``autotune=True`` tunes on first use and caches the choice on disk).
-    Returns the output device array.
+    Returns the output device array.  For repeated calls on the same buffers, :func:`prepare_apmm`
+    returns a launch whose call costs one driver launch.
     """
+    launch = prepare_apmm(w, x, out=out, scale=scale, bias=bias, out_dtype=out_dtype, layout=layout,
+                          config=config, autotune=autotune, stream=stream)
+    launch()
+    return launch.out
+
+
+def prepare_apmm(w, x, *, out=None, scale=None, bias=None, out_dtype=None, layout="mn", config=None,
+                 autotune=False, stream=0):
+    """Check and bind everything :func:`apmm` would launch; call the result to launch (``.out`` is Y)."""
     require_gpu()
     _check_operands(w, x)
     M, N, K = w.rows, x.rows, w.K
-    out_float = scale is not None or bias is not None or np.dtype(out_dtype or np.int32) == np.float32
     if out_dtype is not None and np.dtype(out_dtype) not in (np.dtype(np.int32), np.dtype(np.float32)):
         raise TypeError(f"out_dtype: expected int32 or float32, got {np.dtype(out_dtype).name}")
+    out_float = scale is not None or bias is not None or np.dtype(out_dtype or np.int32) == np.float32
     if layout not in ("mn", "nm"):
         raise ValueError(f"layout: expected 'mn' (Y is M x N) or 'nm' (Y is N x M), got {layout!r}")
     shape = (M, N) if layout == "mn" else (N, M)
@@ -136,16 +145,16 @@ def apmm(w, x, *, out=None, scale=None, bias=None, out_dtype=None, layout="mn", 
 
     p, q = w.bits, x.bits
     cfg = config or choose_config(p, q, M, N, K, out_float, autotune)
-    launch = launcher(p, q, cfg, out_float)
     grid = (-(-N // cfg.block_n), -(-M // cfg.block_m))
     stride_m, stride_n = (N, 1) if layout == "mn" else (1, M)
     c_sw, c_sx, c_const = reference.correction_terms(w.precision, x.precision, K, w.zero_point, x.zero_point)
-    launch(grid, (cfg.threads,), stream, (
-        w.words.reshape(w.words.size), x.words.reshape(x.words.size), M, N, w.kwords,
-        _coef(w.precision), _coef(x.precision), c_sw, c_sx, c_const,
-        w.rowsum, x.rowsum, scale_d, bias_d, out.reshape(out.size), stride_m, stride_n,
+    bound = launcher(p, q, cfg, out_float).bind(grid, (cfg.threads,), stream, (
+        w.words, x.words, M, N, w.kwords, _coef(w.precision), _coef(x.precision), c_sw, c_sx, c_const,
+        w.rowsum, x.rowsum, scale_d, bias_d, out, stride_m, stride_n,
     ))
-    return out
+    bound.out = out
+    bound.config = cfg
+    return bound
 
 
 def matmul(w, x, pw, px, *, w_scale=1.0, x_scale=1.0, x_zero_point=0, out_float=False, config=None):

@@ -1,10 +1,12 @@
 """Tile configurations for APMM: a cost model to rank them, a small autotuner, a disk cache.
 
-The model (cycles on one SM, per k-tile, summed over the blocks an SM runs)::
+The model (cycles on one SM, summed over the blocks it runs)::
 
-    mma:    pg*q*mt*nt mma per warp per k-step at ~0.67 m16n8k256 per clock per SM
-    bytes:  (pg*BLOCK_M + q*BLOCK_N) * 32 bytes per k-step from L2 at ~24 bytes per clock per SM
-    floor:  ~150 clocks of pipeline latency per k-tile, hidden by other resident blocks
+    mma:      pg*q*mt*nt mma per warp per k-step at ~0.67 m16n8k256 per clock per SM
+    bytes:    (pg*BLOCK_M + q*BLOCK_N) * 32 bytes per k-step from L2 at ~24 bytes per clock per SM
+    floor:    ~150 clocks of pipeline latency per stage, hidden by other resident blocks
+    barrier:  ~60 idle clocks per stage when a block is alone on its SM
+    epilogue: the int32 tile's bytes, at DRAM speed when alone, mostly hidden when not
 
 ranks candidates; ``autotune`` times the best few on the GPU and remembers the
 winner in a JSON file (``$APNUMBA_CACHE_DIR`` or ``~/.cache/apnumba``), keyed by
@@ -23,6 +25,8 @@ SMS = 132
 MMA_PER_CLOCK = 0.67
 L2_BYTES_PER_CLOCK = 24.0
 PIPELINE_FLOOR = 150.0
+BARRIER_IDLE = 60.0
+STORE_BYTES_PER_CLOCK = (13.0, 40.0)  # output bytes per clock per SM: alone on the SM, overlapped
 MAX_MMA_PER_WARP = 32  # 128 accumulator registers
 REGISTERS_PER_SM = 65536
 SHARED_PER_SM = 227 * 1024
@@ -34,13 +38,22 @@ def _divisors(p):
     return [d for d in range(p, 0, -1) if p % d == 0]
 
 
-def registers_estimate(mma_per_warp):
-    """Registers per thread (fitted to ptxas: 32 mma per warp -> ~206)."""
-    return min(255, int(5.25 * mma_per_warp + 38))
+MAX_REGISTERS = 248  # above this ptxas starts to spill
+
+
+def registers_estimate(config, p, q):
+    """Registers per thread, fitted to ptxas on sm_90 (32 mma per warp: 203; two k-steps a stage: 239;
+    several plane passes: 238)."""
+    regs = 5.25 * config.mma_per_step(p, q) + 38
+    regs += 32 if config.passes(p) > 1 else 0
+    regs += 33 if config.steps > config.warps_k else 0
+    return int(regs)
 
 
 def blocks_per_sm(config, p, q):
-    regs = registers_estimate(config.mma_per_step(p, q)) * config.threads
+    if registers_estimate(config, p, q) > MAX_REGISTERS:
+        return 0
+    regs = registers_estimate(config, p, q) * config.threads
     by_regs = REGISTERS_PER_SM // max(regs, 1)
     by_smem = SHARED_PER_SM // max(config.shared_bytes(p, q), 1)
     by_threads = 2048 // config.threads
@@ -53,13 +66,14 @@ def estimate_cycles(config, p, q, M, N, K):
     if bps == 0 or config.shared_bytes(p, q) > MAX_SHARED_PER_BLOCK:
         return math.inf
     blocks = math.ceil(M / config.block_m) * math.ceil(N / config.block_n)
-    k_steps = math.ceil(K / 256)
-    k_tiles = math.ceil(k_steps / config.warps_k) * config.passes(p)
-    mma = config.mma_per_step(p, q) * config.warps_m * config.warps_n * config.warps_k
-    bytes_ = (config.group(p) * config.block_m + q * config.block_n) * 32 * config.warps_k
-    busy = math.ceil(blocks / SMS) * max(mma / MMA_PER_CLOCK, bytes_ / L2_BYTES_PER_CLOCK)
+    rounds = math.ceil(blocks / SMS)  # blocks each SM runs, one after another or side by side
+    k_tiles = math.ceil(math.ceil(K / 256) / config.steps) * config.passes(p)
+    mma = config.mma_per_step(p, q) * config.warps_m * config.warps_n * config.steps
+    bytes_ = (config.group(p) * config.block_m + q * config.block_n) * 32 * config.steps
+    busy = rounds * (max(mma / MMA_PER_CLOCK, bytes_ / L2_BYTES_PER_CLOCK) + (BARRIER_IDLE if bps == 1 else 0))
     latency = math.ceil(blocks / (SMS * bps)) * PIPELINE_FLOOR
-    return k_tiles * max(busy, latency)
+    epilogue = rounds * config.block_m * config.block_n * 4 / STORE_BYTES_PER_CLOCK[bps > 1]
+    return k_tiles * max(busy, latency) + epilogue
 
 
 def candidates(p, q, M, N, K, limit=4):
@@ -77,15 +91,29 @@ def candidates(p, q, M, N, K, limit=4):
                         continue
                     if wm * mt > m_cap or wn * nt > n_cap:
                         continue
-                    for stages in (4, 3):
-                        cfg = TileConfig(wm, wn, mt, nt, stages, 0 if pg == p else pg, wk)
-                        cost = estimate_cycles(cfg, p, q, M, N, K)
-                        if math.isfinite(cost):
-                            # Ties: more mma per warp (latency hiding), then fewer threads.
-                            ranked.append((cost, -cfg.mma_per_step(p, q), cfg.threads, cfg.short(), cfg))
-                            break
+                    for steps in (wk, 2 * wk):
+                        for stages in (4, 3):
+                            cfg = TileConfig(wm, wn, mt, nt, stages, 0 if pg == p else pg, wk, steps if steps != wk else 0)
+                            cost = estimate_cycles(cfg, p, q, M, N, K)
+                            if math.isfinite(cost):
+                                # Ties: more mma per warp (latency hiding), then fewer threads.
+                                ranked.append((cost, -cfg.mma_per_step(p, q), cfg.threads, cfg.short(), cfg))
+                                break
     ranked.sort(key=lambda r: r[:4])
-    return [r[-1] for r in ranked[:limit]]
+    # Diversity for the autotuner: the best of each tile shape, and the other stage depth of the best.
+    chosen, shapes = [], set()
+    for *_, cfg in ranked:
+        shape = (cfg.block_m, cfg.block_n, cfg.threads, cfg.plane_group)
+        if shape not in shapes:
+            shapes.add(shape)
+            chosen.append(cfg)
+    if chosen:
+        best = chosen[0]
+        twin = next((c for *_, c in ranked if c.short() != best.short() and
+                     (c.block_m, c.block_n, c.threads, c.plane_group) == (best.block_m, best.block_n, best.threads, best.plane_group)), None)
+        if twin is not None:
+            chosen.insert(1, twin)
+    return chosen[:limit]
 
 
 def default_config(p, q, M, N, K):

@@ -28,7 +28,7 @@ def test_mma_tiles_at_scale(rng, shape, op):
 @pytest.mark.parametrize("prec", ["b1", "u1", "s1", "u2", "s3", "u4", "s8", "u8"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float16], ids=["f32", "f16"])
 def test_pack_at_scale(rng, prec, dtype):
-    check_pack(rng, 1000, 3000, Precision.parse(prec), dtype, zero_point=3 if prec.startswith("u") else 0,
+    check_pack(rng, 1000, 3000, Precision.parse(prec), dtype, zero_point=1 if prec.startswith("u") else 0,
                per_row_scale=prec.endswith("4"))
 
 

@@ -63,9 +63,11 @@ from .ptx import (
     f32_add_rn,
     f32_mul_rn,
     ld_shared,
+    ld_shared_v4,
     ldmatrix_x2,
     ldmatrix_x4,
     mma_m16n8k256_and,
+    st_global_v4,
     st_shared_v2,
 )
 
@@ -84,11 +86,14 @@ class TileConfig:
     stages: int = 4
     plane_group: int = 0  # weight planes per pass over K; 0 = all of them
     warps_k: int = 1  # warp groups splitting each stage's k-steps
+    stage_steps: int = 0  # 256-bit k-steps per pipeline stage (a multiple of warps_k); 0 = warps_k
 
     def __post_init__(self):
         for name in ("warps_m", "warps_n", "mt", "nt", "warps_k"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: expected >= 1, got {getattr(self, name)}")
+        if self.steps % self.warps_k:
+            raise ValueError(f"stage_steps: expected a multiple of warps_k={self.warps_k}, got {self.stage_steps}")
         if self.stages < 2:
             raise ValueError(f"stages: expected >= 2, got {self.stages}")
         if self.threads > MAX_THREADS:
@@ -106,6 +111,11 @@ class TileConfig:
     def threads(self):
         return 32 * self.warps_m * self.warps_n * self.warps_k
 
+    @property
+    def steps(self):
+        """k-steps per stage."""
+        return self.stage_steps or self.warps_k
+
     def group(self, p):
         g = self.plane_group or p
         if p % g:
@@ -116,7 +126,7 @@ class TileConfig:
         return p // self.group(p)
 
     def stage_words(self, p, q):
-        return self.warps_k * (self.group(p) * self.block_m + q * self.block_n) * K_STEP_WORDS
+        return self.steps * (self.group(p) * self.block_m + q * self.block_n) * K_STEP_WORDS
 
     def shared_bytes(self, p, q):
         """Dynamic shared memory: the stages, and the int32 output tile (over them when there is one pass)."""
@@ -130,6 +140,7 @@ class TileConfig:
 
     def short(self):
         extra = (f"g{self.plane_group}" if self.plane_group else "") + (f"k{self.warps_k}" if self.warps_k > 1 else "")
+        extra += f"x{self.steps}" if self.steps != self.warps_k else ""
         return f"{self.warps_m}x{self.warps_n}w{self.mt}x{self.nt}t{self.stages}s{extra}"
 
 
@@ -148,10 +159,11 @@ def apmm_kernel(p, q, config, out_float):
     BM, BN, THREADS = config.block_m, config.block_n, config.threads
     A_ROWS, B_ROWS = PG * BM, Q * BN  # 32-byte rows per k-step
     STEP_WORDS = (A_ROWS + B_ROWS) * K_STEP_WORDS  # one k-step of A and B
-    STAGE_WORDS = WK * STEP_WORDS
+    STEPS = config.steps  # k-steps per stage; warp group kg takes steps kg, kg + WK, ...
+    STAGE_WORDS = STEPS * STEP_WORDS
     A_CHUNKS, B_CHUNKS = 2 * A_ROWS, 2 * B_ROWS  # 16-byte copies per k-step
-    A_COPIES = -(-WK * A_CHUNKS // THREADS)
-    B_COPIES = -(-WK * B_CHUNKS // THREADS)
+    A_COPIES = -(-STEPS * A_CHUNKS // THREADS)
+    B_COPIES = -(-STEPS * B_CHUNKS // THREADS)
     NT_PAIRS, NT_ODD = NT // 2, NT % 2
     TILE_LD = BN + 8  # int32 row stride of the output tile: 64-bit fragment stores are conflict-free
     TILE_BASE = 0 if PASSES == 1 else STAGES * STAGE_WORDS
@@ -160,6 +172,16 @@ def apmm_kernel(p, q, config, out_float):
     wait_for_stage = cp_async_wait(STAGES - 2)
     wait_all = cp_async_wait(0)
     assert config.shared_bytes(p, q) == 4 * max(STAGES * STAGE_WORDS, TILE_BASE + BM * TILE_LD)
+
+    @cuda.jit(device=True, inline="always")
+    def finish(v, row_term, c_sx, sum_x, n, scale, bias, m):
+        """One output element from its combined plane sum: corrections, then int32 or float32."""
+        v = int32(v) + int32(row_term)
+        if c_sx != 0:
+            v += c_sx * sum_x[n]
+        if OUT_FLOAT:
+            return f32_add_rn(f32_mul_rn(float32(v), scale[m]), bias[m])
+        return v
 
     @cuda.jit(device=True, inline="always")
     def swizzle(row, chunk):
@@ -182,9 +204,9 @@ def apmm_kernel(p, q, config, out_float):
     @cuda.jit(device=True, inline="always")
     def load_stage(smem, stage, kt, k_steps, a_words, b_words, a_pass,
                    a_src, a_dst, a_step, a_bytes, b_src, b_dst, b_step, b_bytes):
-        """Issue this thread's cp.async copies of k-tile ``kt`` (WK k-steps) into ``stage``."""
+        """Issue this thread's cp.async copies of k-tile ``kt`` (STEPS k-steps) into ``stage``."""
         base = stage * STAGE_WORDS
-        step0 = kt * WK
+        step0 = kt * STEPS
         for c in range(A_COPIES):
             if a_dst[c] >= 0:
                 live = step0 + a_step[c] < k_steps
@@ -208,7 +230,7 @@ def apmm_kernel(p, q, config, out_float):
         m0 = cuda.blockIdx.y * BM
         n0 = cuda.blockIdx.x * BN
         k_steps = kwords // K_STEP_WORDS
-        k_tiles = (k_steps + WK - 1) // WK
+        k_tiles = (k_steps + STEPS - 1) // STEPS
 
         # Copy plan: the 16-byte chunks this thread moves every k-tile (the same ones each time).
         a_src = cuda.local.array(A_COPIES, int64)
@@ -218,7 +240,7 @@ def apmm_kernel(p, q, config, out_float):
         for c in range(A_COPIES):
             chunk = c * THREADS + tid
             a_src[c], a_dst[c], a_step[c], a_bytes[c] = plan_copies(chunk, PG, BM, M, m0, kwords, 0)
-            if chunk >= WK * A_CHUNKS:
+            if chunk >= STEPS * A_CHUNKS:
                 a_dst[c] = -1
         b_src = cuda.local.array(B_COPIES, int64)
         b_dst = cuda.local.array(B_COPIES, int32)
@@ -227,7 +249,7 @@ def apmm_kernel(p, q, config, out_float):
         for c in range(B_COPIES):
             chunk = c * THREADS + tid
             b_src[c], b_dst[c], b_step[c], b_bytes[c] = plan_copies(chunk, Q, BN, N, n0, kwords, A_ROWS * K_STEP_WORDS)
-            if chunk >= WK * B_CHUNKS:
+            if chunk >= STEPS * B_CHUNKS:
                 b_dst[c] = -1
 
         # ldmatrix lane addresses in this warp's k-step: A (plane 0, m-tile 0), B pair (plane 0, n-tiles 0, 1).
@@ -268,39 +290,40 @@ def apmm_kernel(p, q, config, out_float):
                                a_src, a_dst, a_step, a_bytes, b_src, b_dst, b_step, b_bytes)
                 cp_async_commit()
 
-                base = (kt % STAGES) * STAGE_WORDS
-                for j in range(PG):
-                    for mt in range(MT):
-                        f = ldmatrix_x4(smem, base + a_lane + (j * BM + mt * 16) * K_STEP_WORDS)
-                        a_frag[j, mt, 0] = f[0]
-                        a_frag[j, mt, 1] = f[1]
-                        a_frag[j, mt, 2] = f[2]
-                        a_frag[j, mt, 3] = f[3]
-                for i in range(Q):
-                    for pair in range(NT_PAIRS):
-                        f = ldmatrix_x4(smem, base + b_lane + (i * BN + pair * 16) * K_STEP_WORDS)
-                        b_frag[i, 2 * pair, 0] = f[0]
-                        b_frag[i, 2 * pair, 1] = f[1]
-                        b_frag[i, 2 * pair + 1, 0] = f[2]
-                        b_frag[i, 2 * pair + 1, 1] = f[3]
-                    if NT_ODD:
-                        h = ldmatrix_x2(smem, base + b_lane_odd + i * BN * K_STEP_WORDS)
-                        b_frag[i, NT - 1, 0] = h[0]
-                        b_frag[i, NT - 1, 1] = h[1]
-                for j in range(PG):
-                    for i in range(Q):
+                for sub in range(STEPS // WK):
+                    base = (kt % STAGES) * STAGE_WORDS + sub * WK * STEP_WORDS
+                    for j in range(PG):
                         for mt in range(MT):
-                            for nt in range(NT):
-                                d = mma_m16n8k256_and(
-                                    a_frag[j, mt, 0], a_frag[j, mt, 1], a_frag[j, mt, 2], a_frag[j, mt, 3],
-                                    b_frag[i, nt, 0], b_frag[i, nt, 1],
-                                    acc[j, i, mt, nt, 0], acc[j, i, mt, nt, 1],
-                                    acc[j, i, mt, nt, 2], acc[j, i, mt, nt, 3],
-                                )
-                                acc[j, i, mt, nt, 0] = d[0]
-                                acc[j, i, mt, nt, 1] = d[1]
-                                acc[j, i, mt, nt, 2] = d[2]
-                                acc[j, i, mt, nt, 3] = d[3]
+                            f = ldmatrix_x4(smem, base + a_lane + (j * BM + mt * 16) * K_STEP_WORDS)
+                            a_frag[j, mt, 0] = f[0]
+                            a_frag[j, mt, 1] = f[1]
+                            a_frag[j, mt, 2] = f[2]
+                            a_frag[j, mt, 3] = f[3]
+                    for i in range(Q):
+                        for pair in range(NT_PAIRS):
+                            f = ldmatrix_x4(smem, base + b_lane + (i * BN + pair * 16) * K_STEP_WORDS)
+                            b_frag[i, 2 * pair, 0] = f[0]
+                            b_frag[i, 2 * pair, 1] = f[1]
+                            b_frag[i, 2 * pair + 1, 0] = f[2]
+                            b_frag[i, 2 * pair + 1, 1] = f[3]
+                        if NT_ODD:
+                            h = ldmatrix_x2(smem, base + b_lane_odd + i * BN * K_STEP_WORDS)
+                            b_frag[i, NT - 1, 0] = h[0]
+                            b_frag[i, NT - 1, 1] = h[1]
+                    for j in range(PG):
+                        for i in range(Q):
+                            for mt in range(MT):
+                                for nt in range(NT):
+                                    d = mma_m16n8k256_and(
+                                        a_frag[j, mt, 0], a_frag[j, mt, 1], a_frag[j, mt, 2], a_frag[j, mt, 3],
+                                        b_frag[i, nt, 0], b_frag[i, nt, 1],
+                                        acc[j, i, mt, nt, 0], acc[j, i, mt, nt, 1],
+                                        acc[j, i, mt, nt, 2], acc[j, i, mt, nt, 3],
+                                    )
+                                    acc[j, i, mt, nt, 0] = d[0]
+                                    acc[j, i, mt, nt, 1] = d[1]
+                                    acc[j, i, mt, nt, 2] = d[2]
+                                    acc[j, i, mt, nt, 3] = d[3]
 
             # Epilogue step 1: plane pairs weighted cw_j * cx_i -> the int32 output tile in shared
             # memory.  With one pass it lies over the stages, so wait until every warp is done.
@@ -329,29 +352,42 @@ def apmm_kernel(p, q, config, out_float):
                     cuda.syncthreads()
             cuda.syncthreads()
 
-        # Epilogue step 2: walk the tile along the output's contiguous axis, one element per
-        # thread at a time: binary-encoding corrections (c_sw, c_sx, c_const), then int32 or float32 out.
-        along_n = y_stride_n == 1
-        for idx in range(tid, BM * BN, THREADS):
-            if along_n:
-                r = idx // BN
-                c = idx - r * BN
-            else:
+        # Epilogue step 2: walk the tile along the output's contiguous axis, four elements per
+        # thread at a time (16-byte loads and stores where the row allows): binary-encoding
+        # corrections, then int32 or float32 out.
+        if y_stride_n == 1:
+            vector = (y_stride_m & 3) == 0
+            for idx in range(tid, BM * (BN // 4), THREADS):
+                r = idx // (BN // 4)
+                c = 4 * (idx - r * (BN // 4))
+                m = m0 + r
+                n = n0 + c
+                if m < M and n < N:
+                    four = ld_shared_v4(smem, TILE_BASE + r * TILE_LD + c)
+                    row_term = c_const + (c_sw * sum_w[m] if c_sw != 0 else 0)
+                    at = m * y_stride_m + n
+                    if vector and n + 3 < N:
+                        st_global_v4(
+                            y, at,
+                            finish(four[0], row_term, c_sx, sum_x, n, scale, bias, m),
+                            finish(four[1], row_term, c_sx, sum_x, n + 1, scale, bias, m),
+                            finish(four[2], row_term, c_sx, sum_x, n + 2, scale, bias, m),
+                            finish(four[3], row_term, c_sx, sum_x, n + 3, scale, bias, m),
+                        )
+                    else:
+                        for e in range(4):
+                            if n + e < N:
+                                y[at + e] = finish(four[e], row_term, c_sx, sum_x, n + e, scale, bias, m)
+        else:
+            for idx in range(tid, BM * BN, THREADS):
                 c = idx // BM
                 r = idx - c * BM
-            m = m0 + r
-            n = n0 + c
-            if m < M and n < N:
-                v = int32(ld_shared(smem, TILE_BASE + r * TILE_LD + c))
-                if c_sw != 0:
-                    v += c_sw * sum_w[m]
-                if c_sx != 0:
-                    v += c_sx * sum_x[n]
-                v += c_const
-                if OUT_FLOAT:
-                    y[m * y_stride_m + n * y_stride_n] = f32_add_rn(f32_mul_rn(float32(v), scale[m]), bias[m])
-                else:
-                    y[m * y_stride_m + n * y_stride_n] = v
+                m = m0 + r
+                n = n0 + c
+                if m < M and n < N:
+                    row_term = c_const + (c_sw * sum_w[m] if c_sw != 0 else 0)
+                    one = int32(ld_shared(smem, TILE_BASE + r * TILE_LD + c))
+                    y[m * y_stride_m + n * y_stride_n] = finish(one, row_term, c_sx, sum_x, n, scale, bias, m)
 
     apmm.__name__ = f"apmm_w{p}a{q}_{config.short()}_{'f32' if OUT_FLOAT else 'i32'}"
     apmm.__qualname__ = apmm.__name__

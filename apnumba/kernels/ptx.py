@@ -45,6 +45,8 @@ __all__ = [
     "ldmatrix_x2",
     "ld_shared",
     "st_shared_v2",
+    "ld_shared_v4",
+    "st_global_v4",
     "SHARED_ALIGN",
     "cp_async_16",
     "cp_async_commit",
@@ -72,6 +74,8 @@ if SIMULATOR:
         ldmatrix_x2,
         ld_shared,
         st_shared_v2,
+        ld_shared_v4,
+        st_global_v4,
         cp_async_16,
         cp_async_commit,
         cp_async_wait,
@@ -183,6 +187,47 @@ else:
             return builder.bitcast(builder.call(asm, [address]), context.get_value_type(sig.return_type))
 
         return smem.dtype(smem, index), codegen
+
+    @intrinsic
+    def ld_shared_v4(typingctx, smem, index):
+        """``smem[index : index + 4]`` as int32 in one 16-byte load (``index`` a multiple of 4)."""
+        _check_word_array("ld_shared_v4", smem)
+
+        def codegen(context, builder, sig, args):
+            address = _shared_address(context, builder, sig.args[0], args[0], args[1], sig.args[1])
+            asm = ir.InlineAsm(
+                ir.FunctionType(ir.LiteralStructType([_i32] * 4), [_i32]),
+                "ld.shared.v4.b32 {$0, $1, $2, $3}, [$4];",
+                "=r,=r,=r,=r,r,~{memory}",
+                side_effect=True,
+            )
+            res = builder.call(asm, [address])
+            return context.make_tuple(builder, sig.return_type, [builder.extract_value(res, i) for i in range(4)])
+
+        return types.UniTuple(types.int32, 4)(smem, index), codegen
+
+    @intrinsic
+    def st_global_v4(typingctx, array, index, v0, v1, v2, v3):
+        """``array[index : index + 4] = v0..v3`` in one 16-byte store (32-bit elements, 16-byte aligned)."""
+        _check_word_array("st_global_v4", array)
+
+        def codegen(context, builder, sig, args):
+            ptr = _element_pointer(context, builder, sig.args[0], args[0], args[1], sig.args[1])
+            elem = sig.args[0].dtype
+            vals = []
+            for v, t in zip(args[2:], sig.args[2:]):
+                x = context.cast(builder, v, t, elem)
+                vals.append(builder.bitcast(x, _i32) if isinstance(elem, types.Float) else x)
+            asm = ir.InlineAsm(
+                ir.FunctionType(ir.VoidType(), [ir.IntType(64)] + [_i32] * 4),
+                "st.global.v4.b32 [$0], {$1, $2, $3, $4};",
+                "l,r,r,r,r,~{memory}",
+                side_effect=True,
+            )
+            builder.call(asm, [_global_address(builder, ptr)] + vals)
+            return context.get_dummy_value()
+
+        return types.void(array, index, v0, v1, v2, v3), codegen
 
     @intrinsic
     def st_shared_v2(typingctx, smem, index, v0, v1):

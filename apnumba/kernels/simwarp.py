@@ -132,6 +132,15 @@ def ld_shared(smem, index):
     return smem[index]
 
 
+def ld_shared_v4(smem, index):
+    return tuple(np.uint32(smem[index + i]).view(np.int32) for i in range(4))
+
+
+def st_global_v4(array, index, v0, v1, v2, v3):
+    for i, v in enumerate((v0, v1, v2, v3)):
+        array[index + i] = v
+
+
 def st_shared_v2(smem, index, v0, v1):
     smem[index] = v0
     smem[index + 1] = v1

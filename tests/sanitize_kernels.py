@@ -1,0 +1,37 @@
+"""A representative set of kernel launches for compute-sanitizer (memcheck, racecheck, synccheck).
+
+    compute-sanitizer --tool memcheck  python tests/sanitize_kernels.py
+    compute-sanitizer --tool racecheck python tests/sanitize_kernels.py
+
+Small problems (the tools are slow); every result is also checked against the reference.
+Not collected by pytest (no test_ prefix).
+"""
+
+import numpy as np
+
+from apnumba.kernels.apmm import TileConfig
+from apnumba.precision import Precision
+from apnumba.tuning import default_config
+from tests.helpers import check_apmm, check_pack
+
+
+def main():
+    rng = np.random.default_rng(7)
+    check_pack(rng, 37, 300, Precision.parse("s3"))
+    check_pack(rng, 5, 1000, Precision.parse("b1"), np.float16)
+    cases = [
+        ("b1", "u2", default_config(1, 2, 8192, 8192, 8192)),  # the big tile, 2 k-steps a stage
+        ("s2", "u2", default_config(2, 2, 8192, 8192, 8192)),
+        ("s8", "u8", default_config(8, 8, 8192, 8192, 8192)),  # two plane passes
+        ("b1", "b1", default_config(1, 1, 8192, 8192, 8192)),
+        ("b1", "u3", TileConfig(1, 1, 2, 1, 4, 0, 4, 8)),  # K split over 4 warps
+        ("s4", "u2", TileConfig(1, 1, 1, 3, 2, 2)),  # odd n-tiles, plane groups
+    ]
+    for pw, px, cfg in cases:
+        for M, N, K in [(130, 70, 1100), (5, 3, 40)]:
+            check_apmm(rng, Precision.parse(pw), Precision.parse(px), M, N, K, cfg, out_float=pw == "s2")
+    print("all sanitizer cases match the reference")
+
+
+if __name__ == "__main__":
+    main()
