@@ -249,6 +249,77 @@ def section_apmm(args, report):
                   "launch us: Python wall time of a prepared launch (prepare_apmm); apmm() us: the whole checked call.")
 
 
+def section_study(args, report):
+    """Where does APMM lose to the peak?  Instruction-rate probes at the occupancies APMM runs at,
+    then one shape (--shape, default w1a2 8192^3) on a grid of tile configurations."""
+    from numba import cuda
+
+    from apnumba.kernels import probe
+    from apnumba.kernels.apmm import TileConfig
+    from apnumba.matmul import prepare_apmm
+    from apnumba.graph import gpu_time_per_call
+    from apnumba.packed import PackedTensor
+    from apnumba import reference as R
+    from apnumba.precision import parse_wa
+
+    sms = cuda.get_current_device().MULTIPROCESSOR_COUNT
+    out = cuda.device_array(16 * 1024 * sms, dtype=np.int32)
+    table = Table(title="b1 mma rate vs occupancy (register-only loops)")
+    for c in ("warps per SM", "independent mma per warp", "TOPS", "% of peak"):
+        table.add_column(c, justify="right")
+    probes = []
+    for warps, chains in [(8, 32), (8, 16), (16, 16), (16, 8), (32, 8)]:
+        kernel = probe.peak_kernel("m16n8k256", "and", chains)
+        kernel[sms, 32 * warps](4, 1, out)
+        cuda.synchronize()
+        iters = 4096 * 8 // chains
+        start, stop = cuda.event(), cuda.event()
+        start.record()
+        kernel[sms, 32 * warps](iters, 1, out)
+        stop.record()
+        stop.synchronize()
+        tops = sms * warps * iters * chains * probe.ops_per_mma("m16n8k256") / (cuda.event_elapsed_time(start, stop) * 1e-3) / 1e12
+        probes.append({"warps_per_sm": warps, "chains": chains, "tops": tops})
+        table.add_row(str(warps), str(chains), f"{tops:,.0f}", f"{100 * tops / report['peak_tops']:.0f}%")
+    console.print(table)
+    report["study_probes"] = probes
+
+    bits, M, N, K = (args.shape or ["w1a2", "8192", "8192", "8192"])[0], *map(int, (args.shape or ["", 8192, 8192, 8192])[1:])
+    pw, px = parse_wa(bits)
+    rng = np.random.default_rng(0)
+    W = PackedTensor.from_codes(R.random_codes(rng, (M, K), pw), pw)
+    X = PackedTensor.from_codes(R.random_codes(rng, (N, K), px), px)
+    y = cuda.device_array((M, N), np.int32)
+    stream = cuda.stream()
+    p, q = pw.bits, px.bits
+    configs = [
+        TileConfig(2, 4, 4, 4, 4, 0, 1, 2), TileConfig(2, 4, 4, 4, 4), TileConfig(2, 4, 4, 2, 4), TileConfig(2, 4, 2, 4, 4),
+        TileConfig(4, 4, 2, 4, 4), TileConfig(4, 4, 2, 2, 4), TileConfig(2, 2, 4, 4, 4), TileConfig(2, 2, 4, 4, 4, 0, 1, 2),
+        TileConfig(4, 2, 2, 4, 4), TileConfig(2, 4, 4, 4, 3, 0, 1, 4), TileConfig(2, 4, 4, 2, 4, 0, 1, 2),
+        TileConfig(4, 4, 2, 2, 4, 0, 1, 2), TileConfig(2, 4, 4, 2, 3, 0, 1, 4),
+    ]
+    table = Table(title=f"tile study: w{pw}a{px} {M}x{N}x{K}")
+    for c in ("tile", "threads", "mma/warp/step", "registers", "GPU us", "bit-TOPS", "% of peak"):
+        table.add_column(c, justify="right")
+    rows = []
+    for cfg in configs:
+        if cfg.mma_per_step(p, q) > 32 or cfg.threads > 512:
+            continue
+        try:
+            run = prepare_apmm(W, X, out=y, config=cfg, stream=stream)
+            us = gpu_time_per_call(stream, run, calls=3, replays=3)
+        except Exception as e:  # a configuration the card cannot run (registers, shared memory)
+            console.print(f"{cfg.short()}: {str(e).splitlines()[0][:100]}")
+            continue
+        res = run.compiled.resources() or {}
+        bt = 2.0 * M * N * K * p * q / us / 1e6
+        rows.append({"tile": cfg.short(), "us": us, "bit_tops": bt, **res})
+        table.add_row(cfg.short(), str(cfg.threads), str(cfg.mma_per_step(p, q)), str(res.get("registers")),
+                      f"{us:.1f}", f"{bt:,.0f}", f"{100 * bt / report['peak_tops']:.1f}%")
+    console.print(table)
+    report["study_tiles"] = rows
+
+
 def cpu_demo():
     """No GPU: show that the emulated product equals integer arithmetic, on the numpy reference."""
     from apnumba import reference as R
@@ -273,7 +344,7 @@ def cpu_demo():
     return ok
 
 
-SECTIONS = {"peak": section_peak, "apmm": section_apmm}
+SECTIONS = {"peak": section_peak, "apmm": section_apmm, "study": section_study}
 PLANNED = {"conv": "APConv (issue 4)", "nets": "networks (issue 5)"}
 
 
@@ -284,6 +355,7 @@ def main(argv=None):
     parser.add_argument("--json", metavar="FILE", help="write every figure, the card, versions and the peak to FILE")
     parser.add_argument("--bits", nargs="+", metavar="wXaY", help="bit widths to run, e.g. w1a2 w2a2")
     parser.add_argument("--batch", nargs="+", type=int, metavar="B", help="batch sizes for the FC / network cases")
+    parser.add_argument("--shape", nargs=4, metavar=("wXaY", "M", "N", "K"), help="the shape of the 'study' section")
     args = parser.parse_args(argv)
 
     unknown = [s for s in args.sections if s not in SECTIONS and s not in PLANNED]
@@ -292,7 +364,7 @@ def main(argv=None):
     for s in args.sections:
         if s in PLANNED:
             console.print(f"[yellow]Section '{s}' ({PLANNED[s]}) is not implemented yet; skipping it.[/]")
-    wanted = [s for s in (args.sections or list(SECTIONS)) if s in SECTIONS]
+    wanted = [s for s in (args.sections or ["peak", "apmm"]) if s in SECTIONS]
 
     from apnumba.device import device_name, gpu_available
 
