@@ -265,22 +265,23 @@ def section_study(args, report):
     sms = cuda.get_current_device().MULTIPROCESSOR_COUNT
     out = cuda.device_array(16 * 1024 * sms, dtype=np.int32)
     table = Table(title="b1 mma rate vs occupancy (register-only loops)")
-    for c in ("warps per SM", "independent mma per warp", "TOPS", "% of peak"):
+    for c in ("blocks x warps per SM", "independent mma per warp", "TOPS", "% of peak"):
         table.add_column(c, justify="right")
     probes = []
-    for warps, chains in [(4, 32), (8, 16), (16, 16), (8, 8), (16, 8), (32, 8)]:
+    for blocks_per_sm, warps, chains in [(1, 4, 16), (1, 8, 8), (1, 8, 16), (2, 8, 8), (2, 8, 16), (4, 8, 8)]:
         kernel = probe.peak_kernel("m16n8k256", "and", chains)
-        kernel[sms, 32 * warps](4, 1, out)
+        grid = blocks_per_sm * sms
+        kernel[grid, 32 * warps](4, 1, out)
         cuda.synchronize()
         iters = 4096 * 8 // chains
         start, stop = cuda.event(), cuda.event()
         start.record()
-        kernel[sms, 32 * warps](iters, 1, out)
+        kernel[grid, 32 * warps](iters, 1, out)
         stop.record()
         stop.synchronize()
-        tops = sms * warps * iters * chains * probe.ops_per_mma("m16n8k256") / (cuda.event_elapsed_time(start, stop) * 1e-3) / 1e12
-        probes.append({"warps_per_sm": warps, "chains": chains, "tops": tops})
-        table.add_row(str(warps), str(chains), f"{tops:,.0f}", f"{100 * tops / report['peak_tops']:.0f}%")
+        tops = grid * warps * iters * chains * probe.ops_per_mma("m16n8k256") / (cuda.event_elapsed_time(start, stop) * 1e-3) / 1e12
+        probes.append({"warps_per_sm": warps * blocks_per_sm, "chains": chains, "tops": tops})
+        table.add_row(f"{blocks_per_sm} x {warps}", str(chains), f"{tops:,.0f}", f"{100 * tops / report['peak_tops']:.0f}%")
     console.print(table)
     report["study_probes"] = probes
 
