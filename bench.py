@@ -294,10 +294,10 @@ def section_study(args, report):
     stream = cuda.stream()
     p, q = pw.bits, px.bits
     configs = [
-        TileConfig(2, 4, 4, 4, 4, 0, 1, 2), TileConfig(2, 4, 4, 4, 4), TileConfig(2, 4, 4, 2, 4), TileConfig(2, 4, 2, 4, 4),
-        TileConfig(4, 4, 2, 4, 4), TileConfig(4, 4, 2, 2, 4), TileConfig(2, 2, 4, 4, 4), TileConfig(2, 2, 4, 4, 4, 0, 1, 2),
-        TileConfig(4, 2, 2, 4, 4), TileConfig(2, 4, 4, 4, 3, 0, 1, 4), TileConfig(2, 4, 4, 2, 4, 0, 1, 2),
-        TileConfig(4, 4, 2, 2, 4, 0, 1, 2), TileConfig(2, 4, 4, 2, 3, 0, 1, 4),
+        TileConfig(2, 4, 4, 4, 4, 0, 1, 2), TileConfig(2, 4, 4, 4, 3, 0, 1, 4), TileConfig(2, 4, 4, 2, 4, 0, 1, 4),
+        TileConfig(2, 4, 2, 4, 4, 0, 1, 4), TileConfig(4, 4, 2, 4, 3, 0, 1, 4), TileConfig(4, 4, 2, 2, 4, 0, 1, 4),
+        TileConfig(2, 2, 4, 4, 4, 0, 1, 4), TileConfig(4, 2, 2, 4, 4, 0, 1, 4), TileConfig(4, 2, 4, 4, 3, 0, 1, 4),
+        TileConfig(2, 4, 4, 2, 3, 0, 1, 8), TileConfig(2, 4, 4, 2, 4),
     ]
     table = Table(title=f"tile study: w{pw}a{px} {M}x{N}x{K}")
     for c in ("tile", "threads", "mma/warp/step", "registers", "GPU us", "bit-TOPS", "% of peak"):

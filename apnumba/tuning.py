@@ -70,7 +70,10 @@ def estimate_cycles(config, p, q, M, N, K):
     k_tiles = math.ceil(math.ceil(K / 256) / config.steps) * config.passes(p)
     mma = config.mma_per_step(p, q) * config.warps_m * config.warps_n * config.steps
     bytes_ = (config.group(p) * config.block_m + q * config.block_n) * 32 * config.steps
-    busy = rounds * (max(mma / MMA_PER_CLOCK, bytes_ / L2_BYTES_PER_CLOCK) + (BARRIER_IDLE if bps == 1 else 0))
+    # L2 serves whole 128-byte lines best: a row's stage is 32 bytes per k-step (measured: 32-byte
+    # pieces reach about half the rate of full lines).
+    l2_rate = L2_BYTES_PER_CLOCK * (0.5 + 0.5 * min(1.0, config.steps / 4))
+    busy = rounds * (max(mma / MMA_PER_CLOCK, bytes_ / l2_rate) + (BARRIER_IDLE if bps == 1 else 0))
     latency = math.ceil(blocks / (SMS * bps)) * PIPELINE_FLOOR
     epilogue = rounds * config.block_m * config.block_n * 4 / STORE_BYTES_PER_CLOCK[bps > 1]
     return k_tiles * max(busy, latency) + epilogue
@@ -91,7 +94,7 @@ def candidates(p, q, M, N, K, limit=4):
                         continue
                     if wm * mt > m_cap or wn * nt > n_cap:
                         continue
-                    for steps in (wk, 2 * wk):
+                    for steps in (wk, 2 * wk, 4 * wk):
                         for stages in (4, 3):
                             cfg = TileConfig(wm, wn, mt, nt, stages, 0 if pg == p else pg, wk, steps if steps != wk else 0)
                             cost = estimate_cycles(cfg, p, q, M, N, K)

@@ -157,13 +157,16 @@ def apmm_kernel(p, q, config, out_float):
     WM, WN, WK = config.warps_m, config.warps_n, config.warps_k
     MT, NT, STAGES = config.mt, config.nt, config.stages
     BM, BN, THREADS = config.block_m, config.block_n, config.threads
-    A_ROWS, B_ROWS = PG * BM, Q * BN  # 32-byte rows per k-step
-    STEP_WORDS = (A_ROWS + B_ROWS) * K_STEP_WORDS  # one k-step of A and B
+    A_ROWS, B_ROWS = PG * BM, Q * BN  # rows of a stage (planes stacked)
     STEPS = config.steps  # k-steps per stage; warp group kg takes steps kg, kg + WK, ...
-    STAGE_WORDS = STEPS * STEP_WORDS
-    A_CHUNKS, B_CHUNKS = 2 * A_ROWS, 2 * B_ROWS  # 16-byte copies per k-step
-    A_COPIES = -(-STEPS * A_CHUNKS // THREADS)
-    B_COPIES = -(-STEPS * B_CHUNKS // THREADS)
+    CHUNKS = 2 * STEPS  # 16-byte chunks per row per stage
+    ROW_WORDS = K_STEP_WORDS * STEPS
+    STAGE_WORDS = (A_ROWS + B_ROWS) * ROW_WORDS
+    # XOR swizzle of the chunks of a row: the 8 rows an ldmatrix phase reads land in 8 distinct
+    # 16-byte bank groups, and the chunks of one row (a 16-byte copy each) stay inside that row.
+    SW_SHIFT, SW_MASK = {2: (2, 1), 4: (1, 3)}.get(CHUNKS, (0, 7))
+    A_COPIES = -(-A_ROWS * CHUNKS // THREADS)  # 16-byte copies per thread per stage
+    B_COPIES = -(-B_ROWS * CHUNKS // THREADS)
     NT_PAIRS, NT_ODD = NT // 2, NT % 2
     TILE_LD = BN + 8  # int32 row stride of the output tile: 64-bit fragment stores are conflict-free
     TILE_BASE = 0 if PASSES == 1 else STAGES * STAGE_WORDS
@@ -185,21 +188,20 @@ def apmm_kernel(p, q, config, out_float):
 
     @cuda.jit(device=True, inline="always")
     def swizzle(row, chunk):
-        """Word offset of 16-byte chunk ``chunk`` of 32-byte row ``row`` (bank-conflict-free for ldmatrix)."""
-        return row * K_STEP_WORDS + ((chunk ^ ((row >> 2) & 1)) << 2)
+        """Word offset of 16-byte chunk ``chunk`` of stage row ``row`` (bank-conflict-free for ldmatrix)."""
+        return row * ROW_WORDS + ((chunk ^ ((row >> SW_SHIFT) & SW_MASK)) << 2)
 
     @cuda.jit(device=True, inline="always")
-    def plan_copies(chunk, planes, rows_per_plane, rows, row0, kwords, dst_base):
-        """Copy number ``chunk`` of a k-tile: (src word offset, dst word offset, k-step, bytes)."""
-        per_step = 2 * planes * rows_per_plane
-        step = chunk // per_step
-        rest = chunk - step * per_step
-        plane = rest // (2 * rows_per_plane)
-        row = (rest >> 1) - plane * rows_per_plane
-        half = rest & 1
-        src = (int64(plane) * rows + min(row0 + row, rows - 1)) * kwords + step * K_STEP_WORDS + half * 4
-        dst = step * STEP_WORDS + dst_base + swizzle(plane * rows_per_plane + row, half)
-        return src, dst, step, (16 if row0 + row < rows else 0)
+    def plan_copies(copy, rows_per_plane, rows, row0, kwords, dst_base):
+        """Copy number ``copy`` of a stage: (src word offset, dst word offset, k-step, bytes).
+
+        Consecutive copies walk along one row's k first, so a warp reads whole 128-byte lines."""
+        chunk = copy % CHUNKS
+        prow = copy // CHUNKS  # plane * rows_per_plane + row
+        plane = prow // rows_per_plane
+        row = prow - plane * rows_per_plane
+        src = (int64(plane) * rows + min(row0 + row, rows - 1)) * kwords + chunk * 4
+        return src, dst_base + swizzle(prow, chunk), chunk >> 1, (16 if row0 + row < rows else 0)
 
     @cuda.jit(device=True, inline="always")
     def load_stage(smem, stage, kt, k_steps, a_words, b_words, a_pass,
@@ -238,26 +240,24 @@ def apmm_kernel(p, q, config, out_float):
         a_step = cuda.local.array(A_COPIES, int32)
         a_bytes = cuda.local.array(A_COPIES, int32)
         for c in range(A_COPIES):
-            chunk = c * THREADS + tid
-            a_src[c], a_dst[c], a_step[c], a_bytes[c] = plan_copies(chunk, PG, BM, M, m0, kwords, 0)
-            if chunk >= STEPS * A_CHUNKS:
+            copy = c * THREADS + tid
+            a_src[c], a_dst[c], a_step[c], a_bytes[c] = plan_copies(copy, BM, M, m0, kwords, 0)
+            if copy >= A_ROWS * CHUNKS:
                 a_dst[c] = -1
         b_src = cuda.local.array(B_COPIES, int64)
         b_dst = cuda.local.array(B_COPIES, int32)
         b_step = cuda.local.array(B_COPIES, int32)
         b_bytes = cuda.local.array(B_COPIES, int32)
         for c in range(B_COPIES):
-            chunk = c * THREADS + tid
-            b_src[c], b_dst[c], b_step[c], b_bytes[c] = plan_copies(chunk, Q, BN, N, n0, kwords, A_ROWS * K_STEP_WORDS)
-            if chunk >= STEPS * B_CHUNKS:
+            copy = c * THREADS + tid
+            b_src[c], b_dst[c], b_step[c], b_bytes[c] = plan_copies(copy, BN, N, n0, kwords, A_ROWS * ROW_WORDS)
+            if copy >= B_ROWS * CHUNKS:
                 b_dst[c] = -1
 
-        # ldmatrix lane addresses in this warp's k-step: A (plane 0, m-tile 0), B pair (plane 0, n-tiles 0, 1).
-        step_base = warp_k * STEP_WORDS
-        a_lane = step_base + swizzle(warp_m * 16 * MT + (lane & 7) + 8 * ((lane >> 3) & 1), lane >> 4)
-        b_first = A_ROWS * K_STEP_WORDS + step_base
-        b_lane = b_first + swizzle(warp_n * 8 * NT + (lane & 7) + 8 * (lane >> 4), (lane >> 3) & 1)
-        b_lane_odd = b_first + swizzle(warp_n * 8 * NT + (NT - 1) * 8 + (lane & 7), (lane >> 3) & 1)
+        # Rows whose ldmatrix addresses this lane gives: A (plane 0, m-tile 0), B pair (plane 0, n-tiles 0, 1).
+        a_row = warp_m * 16 * MT + (lane & 7) + 8 * ((lane >> 3) & 1)
+        b_row = A_ROWS + warp_n * 8 * NT + (lane & 7) + 8 * (lane >> 4)
+        b_row_odd = A_ROWS + warp_n * 8 * NT + (NT - 1) * 8 + (lane & 7)
 
         acc = cuda.local.array((PG, Q, MT, NT, 4), int32)
         a_frag = cuda.local.array((PG, MT, 4), int32)
@@ -290,24 +290,28 @@ def apmm_kernel(p, q, config, out_float):
                                a_src, a_dst, a_step, a_bytes, b_src, b_dst, b_step, b_bytes)
                 cp_async_commit()
 
+                base = (kt % STAGES) * STAGE_WORDS
                 for sub in range(STEPS // WK):
-                    base = (kt % STAGES) * STAGE_WORDS + sub * WK * STEP_WORDS
+                    step = warp_k + sub * WK
+                    a_lane = base + swizzle(a_row, 2 * step + (lane >> 4))
+                    b_lane = base + swizzle(b_row, 2 * step + ((lane >> 3) & 1))
+                    b_lane_odd = base + swizzle(b_row_odd, 2 * step + ((lane >> 3) & 1))
                     for j in range(PG):
                         for mt in range(MT):
-                            f = ldmatrix_x4(smem, base + a_lane + (j * BM + mt * 16) * K_STEP_WORDS)
+                            f = ldmatrix_x4(smem, a_lane + (j * BM + mt * 16) * ROW_WORDS)
                             a_frag[j, mt, 0] = f[0]
                             a_frag[j, mt, 1] = f[1]
                             a_frag[j, mt, 2] = f[2]
                             a_frag[j, mt, 3] = f[3]
                     for i in range(Q):
                         for pair in range(NT_PAIRS):
-                            f = ldmatrix_x4(smem, base + b_lane + (i * BN + pair * 16) * K_STEP_WORDS)
+                            f = ldmatrix_x4(smem, b_lane + (i * BN + pair * 16) * ROW_WORDS)
                             b_frag[i, 2 * pair, 0] = f[0]
                             b_frag[i, 2 * pair, 1] = f[1]
                             b_frag[i, 2 * pair + 1, 0] = f[2]
                             b_frag[i, 2 * pair + 1, 1] = f[3]
                         if NT_ODD:
-                            h = ldmatrix_x2(smem, base + b_lane_odd + i * BN * K_STEP_WORDS)
+                            h = ldmatrix_x2(smem, b_lane_odd + i * BN * ROW_WORDS)
                             b_frag[i, NT - 1, 0] = h[0]
                             b_frag[i, NT - 1, 1] = h[1]
                     for j in range(PG):

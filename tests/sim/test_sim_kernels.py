@@ -34,6 +34,8 @@ CASES = [
     ("s3", "b1", TileConfig(1, 1, 1, 1, 2, 0, 2), 9, 5, 600, False, "mn"),  # K split over 2 warps
     ("s2", "s2", TileConfig(1, 1, 1, 3, 2, 1), 7, 20, 100, True, "mn"),  # 2 passes, odd n-tiles
     ("b1", "b1", TileConfig(2, 1, 1, 1, 2), 30, 8, 257, False, "mn"),
+    ("u1", "s2", TileConfig(1, 1, 1, 2, 2, 0, 1, 4), 20, 9, 1300, False, "mn"),  # 4 k-steps a stage, ragged
+    ("s2", "u1", TileConfig(1, 1, 1, 1, 3, 0, 2, 4), 11, 6, 700, True, "mn"),  # 2 k-groups x 2 steps each
 ]
 
 
