@@ -2,12 +2,12 @@
 
 from .device import AccumulatorOverflowError, NoGPUError, UnsupportedGPUError, gpu_available
 from .kernels.apmm import TileConfig
-from .matmul import apmm, matmul
+from .matmul import apmm, matmul, prepare_apmm
 from .packed import PackedTensor
 from .precision import Encoding, Precision, dequantize, parse_wa, quantize
 
 __all__ = [
     "AccumulatorOverflowError", "Encoding", "NoGPUError", "PackedTensor", "Precision", "TileConfig",
-    "UnsupportedGPUError", "apmm", "dequantize", "gpu_available", "matmul", "parse_wa", "quantize",
+    "UnsupportedGPUError", "apmm", "prepare_apmm", "dequantize", "gpu_available", "matmul", "parse_wa", "quantize",
 ]
 __version__ = "0.1.0"
