@@ -298,6 +298,10 @@ def section_study(args, report):
         TileConfig(2, 4, 2, 4, 4, 0, 1, 4), TileConfig(4, 4, 2, 4, 3, 0, 1, 4), TileConfig(4, 4, 2, 2, 4, 0, 1, 4),
         TileConfig(2, 2, 4, 4, 4, 0, 1, 4), TileConfig(4, 2, 2, 4, 4, 0, 1, 4), TileConfig(4, 2, 4, 4, 3, 0, 1, 4),
         TileConfig(2, 4, 4, 2, 3, 0, 1, 8), TileConfig(2, 4, 4, 2, 4),
+        # grouped block order and streamed output: does keeping the operands in L2 close the gap?
+        TileConfig(2, 4, 4, 4, 3, 0, 1, 4, raster=8), TileConfig(2, 4, 4, 4, 3, 0, 1, 4, raster=8, stream_out=True),
+        TileConfig(2, 4, 4, 2, 4, raster=8, stream_out=True), TileConfig(2, 4, 4, 2, 4, raster=16, stream_out=True),
+        TileConfig(2, 2, 4, 4, 4, 0, 1, 2, raster=8, stream_out=True),
     ]
     table = Table(title=f"tile study: w{pw}a{px} {M}x{N}x{K}")
     for c in ("tile", "threads", "mma/warp/step", "registers", "GPU us", "bit-TOPS", "% of peak"):

@@ -86,7 +86,11 @@ LARGE = [(p, q, default_config(p, q, 8192, 8192, 8192)) for p, q in itertools.pr
 SMALL = [
     (p, q, default_config(p, q, M, N, K))
     for (p, q), (M, N, K) in itertools.product([(1, 2), (2, 2), (1, 4), (1, 1)], [(64, 1024, 1024), (4096, 8, 9216)])
-] + [(2, 3, TileConfig(1, 1, 1, 3, 2, 1)), (8, 8, TileConfig(2, 2, 1, 1, 4, 4, 2))]
+] + [
+    (2, 3, TileConfig(1, 1, 1, 3, 2, 1)),
+    (8, 8, TileConfig(2, 2, 1, 1, 4, 4, 2)),
+    (1, 2, TileConfig(2, 4, 4, 2, 4, 0, 1, 4, raster=8, stream_out=True)),
+]
 
 
 def _apmm_sass(p, q, cfg, out_float, cc):

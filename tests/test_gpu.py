@@ -92,7 +92,8 @@ def test_apmm_big_k_close_to_the_int32_limit(rng):
 
 
 def test_apmm_tile_configs_by_hand(rng):
-    for cfg in [TileConfig(1, 1, 1, 1, 2), TileConfig(4, 2, 4, 8, 4), TileConfig(1, 1, 2, 3, 3, 0, 4), TileConfig(2, 2, 1, 1, 4, 2, 2)]:
+    for cfg in [TileConfig(1, 1, 1, 1, 2), TileConfig(4, 2, 4, 8, 4), TileConfig(1, 1, 2, 3, 3, 0, 4), TileConfig(2, 2, 1, 1, 4, 2, 2),
+                TileConfig(2, 4, 2, 2, 4, 0, 1, 4, raster=3, stream_out=True), TileConfig(1, 1, 1, 1, 2, raster=7)]:
         check_apmm(rng, Precision.parse("s4"), Precision.parse("u2"), 300, 77, 3000, cfg)
 
 

@@ -60,6 +60,7 @@ from .ptx import (
     cp_async_16,
     cp_async_commit,
     cp_async_wait,
+    divmod_u32,
     f32_add_rn,
     f32_mul_rn,
     ld_shared,
@@ -67,6 +68,7 @@ from .ptx import (
     ldmatrix_x2,
     ldmatrix_x4,
     mma_m16n8k256_and,
+    st_global_cs_v4,
     st_global_v4,
     st_shared_v2,
 )
@@ -87,6 +89,8 @@ class TileConfig:
     plane_group: int = 0  # weight planes per pass over K; 0 = all of them
     warps_k: int = 1  # warp groups splitting each stage's k-steps
     stage_steps: int = 0  # 256-bit k-steps per pipeline stage (a multiple of warps_k); 0 = warps_k
+    raster: int = 0  # > 0: blocks run in groups of this many block-rows, column by column (L2 reuse)
+    stream_out: bool = False  # store the output with evict-first (.cs) so it does not flush the operands from L2
 
     def __post_init__(self):
         for name in ("warps_m", "warps_n", "mt", "nt", "warps_k"):
@@ -96,6 +100,8 @@ class TileConfig:
             raise ValueError(f"stage_steps: expected a multiple of warps_k={self.warps_k}, got {self.stage_steps}")
         if self.stages < 2:
             raise ValueError(f"stages: expected >= 2, got {self.stages}")
+        if self.raster < 0:
+            raise ValueError(f"raster: expected >= 0, got {self.raster}")
         if self.threads > MAX_THREADS:
             raise ValueError(f"warps: {self.threads} threads per block, at most {MAX_THREADS}")
 
@@ -141,6 +147,7 @@ class TileConfig:
     def short(self):
         extra = (f"g{self.plane_group}" if self.plane_group else "") + (f"k{self.warps_k}" if self.warps_k > 1 else "")
         extra += f"x{self.steps}" if self.steps != self.warps_k else ""
+        extra += (f"r{self.raster}" if self.raster else "") + ("c" if self.stream_out else "")
         return f"{self.warps_m}x{self.warps_n}w{self.mt}x{self.nt}t{self.stages}s{extra}"
 
 
@@ -172,6 +179,7 @@ def apmm_kernel(p, q, config, out_float):
     TILE_BASE = 0 if PASSES == 1 else STAGES * STAGE_WORDS
     SUMS_IN_TILE = PASSES > 1 or WK > 1  # several partial sums meet in the tile
     OUT_FLOAT = bool(out_float)
+    RASTER, STREAM_OUT = config.raster, config.stream_out
     wait_for_stage = cp_async_wait(STAGES - 2)
     wait_all = cp_async_wait(0)
     assert config.shared_bytes(p, q) == 4 * max(STAGES * STAGE_WORDS, TILE_BASE + BM * TILE_LD)
@@ -229,8 +237,19 @@ def apmm_kernel(p, q, config, out_float):
         warp_m = warp % WM
         warp_n = (warp // WM) % WN
         warp_k = warp // (WM * WN)
-        m0 = cuda.blockIdx.y * BM
-        n0 = cuda.blockIdx.x * BN
+        if RASTER:
+            # Grouped order (as in Triton's matmul tutorial): consecutive blocks walk down RASTER
+            # block-rows, then move one block-column right, so blocks running together share A and
+            # B panels in L2 instead of sweeping all of B once per block-row.
+            tiles_n = cuda.gridDim.x
+            group, within = divmod_u32(cuda.blockIdx.y * tiles_n + cuda.blockIdx.x, RASTER * tiles_n)
+            rows_in_group = min(cuda.gridDim.y - group * RASTER, RASTER)
+            col, row = divmod_u32(within, rows_in_group)
+            m0 = (group * RASTER + row) * BM
+            n0 = col * BN
+        else:
+            m0 = cuda.blockIdx.y * BM
+            n0 = cuda.blockIdx.x * BN
         k_steps = kwords // K_STEP_WORDS
         k_tiles = (k_steps + STEPS - 1) // STEPS
 
@@ -371,13 +390,14 @@ def apmm_kernel(p, q, config, out_float):
                     row_term = c_const + (c_sw * sum_w[m] if c_sw != 0 else 0)
                     at = m * y_stride_m + n
                     if vector and n + 3 < N:
-                        st_global_v4(
-                            y, at,
-                            finish(four[0], row_term, c_sx, sum_x, n, scale, bias, m),
-                            finish(four[1], row_term, c_sx, sum_x, n + 1, scale, bias, m),
-                            finish(four[2], row_term, c_sx, sum_x, n + 2, scale, bias, m),
-                            finish(four[3], row_term, c_sx, sum_x, n + 3, scale, bias, m),
-                        )
+                        y0 = finish(four[0], row_term, c_sx, sum_x, n, scale, bias, m)
+                        y1 = finish(four[1], row_term, c_sx, sum_x, n + 1, scale, bias, m)
+                        y2 = finish(four[2], row_term, c_sx, sum_x, n + 2, scale, bias, m)
+                        y3 = finish(four[3], row_term, c_sx, sum_x, n + 3, scale, bias, m)
+                        if STREAM_OUT:
+                            st_global_cs_v4(y, at, y0, y1, y2, y3)
+                        else:
+                            st_global_v4(y, at, y0, y1, y2, y3)
                     else:
                         for e in range(4):
                             if n + e < N:

@@ -44,9 +44,11 @@ __all__ = [
     "ldmatrix_x4",
     "ldmatrix_x2",
     "ld_shared",
+    "divmod_u32",
     "st_shared_v2",
     "ld_shared_v4",
     "st_global_v4",
+    "st_global_cs_v4",
     "SHARED_ALIGN",
     "cp_async_16",
     "cp_async_commit",
@@ -73,9 +75,11 @@ if SIMULATOR:
         ldmatrix_x4,
         ldmatrix_x2,
         ld_shared,
+        divmod_u32,
         st_shared_v2,
         ld_shared_v4,
         st_global_v4,
+        st_global_cs_v4,
         cp_async_16,
         cp_async_commit,
         cp_async_wait,
@@ -177,6 +181,22 @@ else:
             raise TypeError(f"{name}: expected an array of 32-bit words, got {smem}")
 
     @intrinsic
+    def divmod_u32(typingctx, a, b):
+        """(a // b, a % b) for non-negative values below 2^32, in 32-bit arithmetic.
+
+        numba widens integer arithmetic to 64 bits, and a 64-bit division by a run-time
+        value is a call into a slow helper routine; this stays one 32-bit division."""
+
+        def codegen(context, builder, sig, args):
+            x = context.cast(builder, args[0], sig.args[0], types.uint32)
+            y = context.cast(builder, args[1], sig.args[1], types.uint32)
+            q = builder.udiv(x, y)
+            r = builder.sub(x, builder.mul(q, y))
+            return context.make_tuple(builder, sig.return_type, [q, r])
+
+        return types.UniTuple(types.uint32, 2)(a, b), codegen
+
+    @intrinsic
     def ld_shared(typingctx, smem, index):
         """``smem[index]`` (32-bit words), with 32-bit address arithmetic and no negative-index wraparound."""
         _check_word_array("ld_shared", smem)
@@ -206,28 +226,34 @@ else:
 
         return types.UniTuple(types.int32, 4)(smem, index), codegen
 
-    @intrinsic
-    def st_global_v4(typingctx, array, index, v0, v1, v2, v3):
-        """``array[index : index + 4] = v0..v3`` in one 16-byte store (32-bit elements, 16-byte aligned)."""
-        _check_word_array("st_global_v4", array)
+    def _st_global_v4(cache):
+        text = f"st.global{cache}.v4.b32 [$0], {{$1, $2, $3, $4}};"
 
-        def codegen(context, builder, sig, args):
-            ptr = _element_pointer(context, builder, sig.args[0], args[0], args[1], sig.args[1])
-            elem = sig.args[0].dtype
-            vals = []
-            for v, t in zip(args[2:], sig.args[2:]):
-                x = context.cast(builder, v, t, elem)
-                vals.append(builder.bitcast(x, _i32) if isinstance(elem, types.Float) else x)
-            asm = ir.InlineAsm(
-                ir.FunctionType(ir.VoidType(), [ir.IntType(64)] + [_i32] * 4),
-                "st.global.v4.b32 [$0], {$1, $2, $3, $4};",
-                "l,r,r,r,r,~{memory}",
-                side_effect=True,
-            )
-            builder.call(asm, [_global_address(builder, ptr)] + vals)
-            return context.get_dummy_value()
+        def typer(typingctx, array, index, v0, v1, v2, v3):
+            _check_word_array("st_global_v4", array)
 
-        return types.void(array, index, v0, v1, v2, v3), codegen
+            def codegen(context, builder, sig, args):
+                ptr = _element_pointer(context, builder, sig.args[0], args[0], args[1], sig.args[1])
+                elem = sig.args[0].dtype
+                vals = []
+                for v, t in zip(args[2:], sig.args[2:]):
+                    x = context.cast(builder, v, t, elem)
+                    vals.append(builder.bitcast(x, _i32) if isinstance(elem, types.Float) else x)
+                asm = ir.InlineAsm(
+                    ir.FunctionType(ir.VoidType(), [ir.IntType(64)] + [_i32] * 4), text, "l,r,r,r,r,~{memory}",
+                    side_effect=True,
+                )
+                builder.call(asm, [_global_address(builder, ptr)] + vals)
+                return context.get_dummy_value()
+
+            return types.void(array, index, v0, v1, v2, v3), codegen
+
+        return typer
+
+    st_global_v4 = intrinsic(_st_global_v4(""))
+    st_global_v4.__doc__ = "``array[index : index + 4] = v0..v3`` in one 16-byte store (32-bit elements, 16-byte aligned)."
+    st_global_cs_v4 = intrinsic(_st_global_v4(".cs"))
+    st_global_cs_v4.__doc__ = "As st_global_v4, marked evict-first (``.cs``): streamed output that should not displace L2 data."
 
     @intrinsic
     def st_shared_v2(typingctx, smem, index, v0, v1):

@@ -2,7 +2,7 @@
 
 PTX comes from numba (libNVVM from the pip wheels), the cubin from nvJitLink
 (``cuda.core.Linker``), the SASS from ``cuobjdump`` of the ``nvidia-cuda-cuobjdump``
-wheel (or one on PATH).  Tests assert on these; ``bench.py`` reports registers.
+wheel (it runs ``nvdisasm``, from ``nvidia-cuda-nvdisasm``), or ones on PATH.
 """
 
 from dataclasses import dataclass
@@ -33,20 +33,34 @@ class Compiled:
         return collections.Counter(re.findall(r"\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]+)", self.sass))
 
 
-@functools.lru_cache(maxsize=None)
-def cuobjdump():
+def _tool(name):
     try:
         import nvidia
 
         for root in nvidia.__path__:
-            for cand in Path(root).glob("cu*/bin/cuobjdump"):
+            for cand in Path(root).glob(f"cu*/bin/{name}"):
                 return str(cand)
     except ImportError:
         pass
-    found = shutil.which("cuobjdump")
+    found = shutil.which(name)
     if not found:
-        raise FileNotFoundError("cuobjdump not found: pip install nvidia-cuda-cuobjdump (the 'test' extra)")
+        raise FileNotFoundError(f"{name} not found: pip install nvidia-cuda-{name} (apnumba's 'test' extra)")
     return found
+
+
+@functools.lru_cache(maxsize=None)
+def cuobjdump():
+    return _tool("cuobjdump")
+
+
+@functools.lru_cache(maxsize=None)
+def _tool_env():
+    """cuobjdump finds nvdisasm through NVDISASM_PATH (the wheels keep it beside cuobjdump, off PATH)."""
+    nvdisasm = _tool("nvdisasm")
+    env = dict(os.environ)
+    env["NVDISASM_PATH"] = os.path.dirname(nvdisasm)
+    env["PATH"] = os.path.dirname(nvdisasm) + os.pathsep + env.get("PATH", "")
+    return env
 
 
 def compile_kernel(pyfunc, signature, cc=(9, 0)):
@@ -61,14 +75,18 @@ def compile_kernel(pyfunc, signature, cc=(9, 0)):
         path = os.path.join(tmp, "k.cubin")
         with open(path, "wb") as f:
             f.write(cubin.code)
-        sass = subprocess.run([cuobjdump(), "-sass", path], capture_output=True, text=True, check=True).stdout
-        usage = subprocess.run(
-            [cuobjdump(), "--dump-resource-usage", path], capture_output=True, text=True, check=True
-        ).stdout
+        def run(*args):
+            proc = subprocess.run([cuobjdump(), *args, path], capture_output=True, text=True, env=_tool_env())
+            if proc.returncode:
+                raise RuntimeError(f"cuobjdump {' '.join(args)} failed: {proc.stderr.strip()[:500]}")
+            return proc.stdout
+
+        sass = run("-sass")
+        usage = run("--dump-resource-usage")
 
     def field(pattern, text):
-        m = re.search(pattern, text)
-        return int(m.group(1)) if m else 0
+        """The largest value over the cubin's functions (the kernel, and any helper routines)."""
+        return max((int(v) for v in re.findall(pattern, text)), default=0)
 
     spills = field(r"(\d+) bytes spill stores", log) + field(r"(\d+) bytes spill loads", log)
     return Compiled(

@@ -128,6 +128,10 @@ def ldmatrix_x2(smem, index):
     return _ldmatrix(2, smem, index)
 
 
+def divmod_u32(a, b):
+    return np.uint32(int(a) // int(b)), np.uint32(int(a) % int(b))
+
+
 def ld_shared(smem, index):
     return smem[index]
 
@@ -139,6 +143,9 @@ def ld_shared_v4(smem, index):
 def st_global_v4(array, index, v0, v1, v2, v3):
     for i, v in enumerate((v0, v1, v2, v3)):
         array[index + i] = v
+
+
+st_global_cs_v4 = st_global_v4
 
 
 def st_shared_v2(smem, index, v0, v1):

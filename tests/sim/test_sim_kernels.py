@@ -36,6 +36,7 @@ CASES = [
     ("b1", "b1", TileConfig(2, 1, 1, 1, 2), 30, 8, 257, False, "mn"),
     ("u1", "s2", TileConfig(1, 1, 1, 2, 2, 0, 1, 4), 20, 9, 1300, False, "mn"),  # 4 k-steps a stage, ragged
     ("s2", "u1", TileConfig(1, 1, 1, 1, 3, 0, 2, 4), 11, 6, 700, True, "mn"),  # 2 k-groups x 2 steps each
+    ("b1", "u2", TileConfig(1, 1, 1, 1, 2, raster=3, stream_out=True), 80, 20, 256, False, "mn"),  # grouped order
 ]
 
 
