@@ -12,7 +12,7 @@ import numpy as np
 from numba import cuda, float32, int32, uint32
 
 from . import reference, tuning
-from .device import as_device_array, check_accumulator, device_name, require_gpu
+from .device import as_device_array, check_accumulator, device_name, is_device_array, require_gpu
 from .kernels.apmm import apmm_kernel
 from .kernels.launch import CompiledKernel
 from .kernels.ptx import SIMULATOR
@@ -55,10 +55,12 @@ def _check_operands(w, x):
 
 
 def _vector(v, M, name, default):
+    """A float32 device vector of M values (host values are converted and copied over)."""
     if v is None:
         return default
-    d = as_device_array(np.asarray(v, dtype=np.float32) if not hasattr(v, "__cuda_array_interface__") and not SIMULATOR else v,
-                        name, dtypes=(np.float32,), ndim=1)
+    if not is_device_array(v):
+        v = np.asarray(v, dtype=np.float32)
+    d = as_device_array(v, name, dtypes=(np.float32,), ndim=1)
     if d.shape[0] != M:
         raise ValueError(f"{name}: expected {M} values (one per row of w), got {d.shape[0]}")
     return d
@@ -90,7 +92,7 @@ def autotune_config(p, q, M, N, K, out_float, key=None):
     timings = {}
     for cfg in tuning.candidates(p, q, M, N, K, limit=3):
         timings[cfg] = gpu_time_per_call(
-            stream, lambda: apmm(w, x, out=y, scale=scale, config=cfg, stream=stream), calls=calls, replays=3
+            stream, lambda cfg=cfg: apmm(w, x, out=y, scale=scale, config=cfg, stream=stream), calls=calls, replays=3
         )
     best = min(timings, key=timings.get)
     tuning.store_config(

@@ -6,7 +6,7 @@ from hypothesis import given, settings, strategies as st
 
 from apnumba import reference as R
 from apnumba.device import AccumulatorOverflowError, check_accumulator, product_bound
-from apnumba.precision import Encoding, Precision
+from apnumba.precision import Precision
 
 ALL = [Precision(1, "binary")] + [Precision(b, e) for b in range(1, 9) for e in ("unsigned", "signed")]
 

@@ -92,7 +92,7 @@ if SIMULATOR:
     )
 else:
     from llvmlite import ir
-    from numba import cuda, int32, types, uint32
+    from numba import cuda, types, uint32
     from numba.cuda.extending import intrinsic
 
     _i32 = ir.IntType(32)
