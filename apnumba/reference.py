@@ -183,3 +183,111 @@ def random_codes(rng, shape, precision):
     if precision.encoding is Encoding.BINARY:
         return (2 * rng.integers(0, 2, size=shape) - 1).astype(np.int32)
     return rng.integers(precision.lo, precision.hi + 1, size=shape).astype(np.int32)
+
+
+# ---------------------------------------------------------------- convolution
+#
+# Layouts.  Activations are NHWC: a PackedTensor whose rows are the pixels (n, h, w) in that order
+# and whose K is the channel axis.  Weights (K_out, R, S, C) are packed as rows k_out with a
+# reduction axis of R*S segments, one per filter tap (r, s) in that order, each C padded to a
+# whole number of 256-bit k-steps (``padded_words(C)`` words); padding bits are zero.
+#
+# Zero padding means the value 0, as torch's Conv2d(padding=...) on the dequantized values.  The
+# kernel gathers zero bits for taps outside the image; zero bits are the code ``offset`` (0, or -1
+# for binary), which stands for the value offset - zp.  So a tap outside the image must drop out of
+# every term: with V(n) valid taps for output pixel n, Kv = V(n) * C, and
+#     SWv[m, n] = sum over valid taps of WS[m, tap]   (WS: per-tap code sums of the weights)
+#     SXv[n]    = sum over valid taps of the input pixel's code sum (XS, the activations' rowsum)
+# the product is
+#     Y = sum_ij cw_j cx_i popc(...) + ex (SWv - Kv dw) + ew (SXv - Kv dx) + Kv ew ex
+# with ew = dw - zw, ex = dx - zx (d: the encodings' offsets).  Interior pixels have V = R*S.
+
+
+def conv_output_size(size, kernel, stride, padding):
+    out = (size + 2 * padding - kernel) // stride + 1
+    if out < 1:
+        raise ValueError(f"conv: input {size} with kernel {kernel}, stride {stride}, padding {padding} gives no output")
+    return out
+
+
+def conv2d_int(x_codes, w_codes, stride=1, padding=0, zx=0, zw=0):
+    """Plain integer convolution of the dequantized integers: NHWC (N,H,W,C) * (K,R,S,C) -> int64 (N,OH,OW,K)."""
+    x = np.asarray(x_codes, dtype=np.int64) - zx
+    w = np.asarray(w_codes, dtype=np.int64) - zw
+    if x.ndim != 4 or w.ndim != 4 or x.shape[3] != w.shape[3]:
+        raise ValueError(f"x, w: expected (N,H,W,C) and (K,R,S,C) with the same C, got {x.shape} and {w.shape}")
+    N, H, W, C = x.shape
+    K, R, S, _ = w.shape
+    OH, OW = conv_output_size(H, R, stride, padding), conv_output_size(W, S, stride, padding)
+    xp = np.zeros((N, H + 2 * padding, W + 2 * padding, C), np.int64)
+    xp[:, padding : padding + H, padding : padding + W] = x
+    y = np.zeros((N, OH, OW, K), np.int64)
+    for r in range(R):
+        for s in range(S):
+            patch = xp[:, r : r + stride * (OH - 1) + 1 : stride, s : s + stride * (OW - 1) + 1 : stride]
+            y += patch @ w[:, r, s, :].T
+    return y
+
+
+def pack_conv_weight(w_codes, precision):
+    """(K,R,S,C) codes -> (words (b, K, R*S*cwords), rowsum (K,), tap sums (K, R*S)) in the conv layout."""
+    precision = Precision.parse(precision)
+    w = precision.check_codes(np.asarray(w_codes), "w")
+    if w.ndim != 4:
+        raise ValueError(f"w: expected a (K, R, S, C) array, got shape {w.shape}")
+    K, R, S, C = w.shape
+    cp = padded_words(C) * WORD_BITS
+    padded = np.full((K, R, S, cp), precision.offset, dtype=np.int32)  # offset codes have all-zero bits
+    padded[..., :C] = w
+    words = pack(padded.reshape(K, R * S * cp), precision)
+    taps = w.astype(np.int64).sum(axis=3).reshape(K, R * S).astype(np.int32)
+    return words, taps.sum(axis=1).astype(np.int32), taps
+
+
+def conv_taps(H, W, R, S, stride, padding):
+    """For every output pixel (OH*OW of one image) and tap (R*S): the input pixel index, or -1 outside."""
+    OH, OW = conv_output_size(H, R, stride, padding), conv_output_size(W, S, stride, padding)
+    oh, ow = np.meshgrid(np.arange(OH), np.arange(OW), indexing="ij")
+    ih = oh.reshape(-1, 1) * stride - padding + np.repeat(np.arange(R), S)[None, :]
+    iw = ow.reshape(-1, 1) * stride - padding + np.tile(np.arange(S), R)[None, :]
+    inside = (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+    return np.where(inside, ih * W + iw, -1)
+
+
+def conv2d(x_codes, w_codes, px, pw, stride=1, padding=0, zx=0, zw=0):
+    """The convolution computed the way the GPU does: gathered bit planes, AND, popc, border corrections.
+
+    Equals :func:`conv2d_int` (tests prove it).  Returns int64 (N, OH, OW, K).
+    """
+    px, pw = Precision.parse(px), Precision.parse(pw)
+    x = px.check_codes(np.asarray(x_codes), "x")
+    N, H, W, C = x.shape
+    words_w, sum_w, taps_w = pack_conv_weight(w_codes, pw)
+    K, R, S, _ = np.asarray(w_codes).shape
+    taps = conv_taps(H, W, R, S, stride, padding)  # (P, R*S), P = OH*OW
+    P = taps.shape[0]
+    words_x = pack(x.reshape(N * H * W, C), px).reshape(px.bits, N, H * W, -1)
+    cw = words_x.shape[-1]
+    # Implicit GEMM operand: per output pixel, the R*S taps' channel words, zero outside the image.
+    gathered = np.zeros((px.bits, N, P, R * S, cw), np.uint32)
+    valid = taps >= 0
+    for t in range(R * S):
+        rows = valid[:, t]
+        gathered[:, :, rows, t] = words_x[:, :, taps[rows, t]]
+    gathered = gathered.reshape(px.bits, N * P, R * S * cw)
+    counts = plane_popcounts(words_w, gathered)  # (Pw, Px, K, N*P)
+    cwv = np.asarray(pw.coef, np.int64)
+    cxv = np.asarray(px.coef, np.int64)
+    y = np.einsum("j,i,jimn->mn", cwv, cxv, counts)
+    ew, ex = pw.offset - zw, px.offset - zx
+    kv = np.tile(valid.sum(axis=1) * C, N)[None, :]  # valid reduction length per output pixel
+    if ex:
+        swv = np.tile(taps_w.astype(np.int64) @ valid.T.astype(np.int64), (1, N))  # (K, N*P)
+        y += ex * (swv - kv * pw.offset)
+    if ew:
+        xs = x.astype(np.int64).sum(axis=3).reshape(N, H * W)
+        sxv = np.where(valid[None], np.take_along_axis(xs[:, None, :].repeat(P, 1), np.maximum(taps, 0)[None], 2), 0)
+        y += ew * (sxv.sum(axis=2).reshape(1, N * P) - kv * px.offset)
+    y += kv * ew * ex
+    OH, OW = conv_output_size(H, R, stride, padding), conv_output_size(W, S, stride, padding)
+    return y.T.reshape(N, OH, OW, K)

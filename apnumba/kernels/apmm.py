@@ -228,6 +228,79 @@ def apmm_kernel(p, q, config, out_float):
                 src = b_src[c] + step0 * K_STEP_WORDS if live else int64(0)
                 cp_async_16(smem, base + b_dst[c], b_words, src, b_bytes[c] if live else 0)
 
+    @cuda.jit(device=True, inline="always")
+    def compute_stage(smem, base, warp_k, lane, a_row, b_row, b_row_odd, acc, a_frag, b_frag):
+        """This warp's k-steps of the stage at ``base``: fragments by ldmatrix, then every plane pair's mma."""
+        for sub in range(STEPS // WK):
+            step = warp_k + sub * WK
+            a_lane = base + swizzle(a_row, 2 * step + (lane >> 4))
+            b_lane = base + swizzle(b_row, 2 * step + ((lane >> 3) & 1))
+            b_lane_odd = base + swizzle(b_row_odd, 2 * step + ((lane >> 3) & 1))
+            for j in range(PG):
+                for mt in range(MT):
+                    f = ldmatrix_x4(smem, a_lane + (j * BM + mt * 16) * ROW_WORDS)
+                    a_frag[j, mt, 0] = f[0]
+                    a_frag[j, mt, 1] = f[1]
+                    a_frag[j, mt, 2] = f[2]
+                    a_frag[j, mt, 3] = f[3]
+            for i in range(Q):
+                for pair in range(NT_PAIRS):
+                    f = ldmatrix_x4(smem, b_lane + (i * BN + pair * 16) * ROW_WORDS)
+                    b_frag[i, 2 * pair, 0] = f[0]
+                    b_frag[i, 2 * pair, 1] = f[1]
+                    b_frag[i, 2 * pair + 1, 0] = f[2]
+                    b_frag[i, 2 * pair + 1, 1] = f[3]
+                if NT_ODD:
+                    h = ldmatrix_x2(smem, b_lane_odd + i * BN * ROW_WORDS)
+                    b_frag[i, NT - 1, 0] = h[0]
+                    b_frag[i, NT - 1, 1] = h[1]
+            for j in range(PG):
+                for i in range(Q):
+                    for mt in range(MT):
+                        for nt in range(NT):
+                            d = mma_m16n8k256_and(
+                                a_frag[j, mt, 0], a_frag[j, mt, 1], a_frag[j, mt, 2], a_frag[j, mt, 3],
+                                b_frag[i, nt, 0], b_frag[i, nt, 1],
+                                acc[j, i, mt, nt, 0], acc[j, i, mt, nt, 1],
+                                acc[j, i, mt, nt, 2], acc[j, i, mt, nt, 3],
+                            )
+                            acc[j, i, mt, nt, 0] = d[0]
+                            acc[j, i, mt, nt, 1] = d[1]
+                            acc[j, i, mt, nt, 2] = d[2]
+                            acc[j, i, mt, nt, 3] = d[3]
+
+    @cuda.jit(device=True, inline="always")
+    def fold_into_tile(smem, ps, acc, pair_coef, coef_w, coef_x, warp_m, warp_n, warp_k, lane):
+        """Epilogue step 1: plane pairs weighted cw_j * cx_i -> the int32 output tile in shared memory.
+
+        With one pass the tile lies over the stages, so wait until every warp is done with them."""
+        g = lane >> 2
+        t = lane & 3
+        wait_all()
+        cuda.syncthreads()
+        for j in range(PG):
+            for i in range(Q):
+                pair_coef[j, i] = coef_w[ps * PG + j] * coef_x[i]
+        for kg in range(WK):  # k-groups add their partial sums one after another
+            if warp_k == kg:
+                for mt in range(MT):
+                    for nt in range(NT):
+                        at = TILE_BASE + (warp_m * 16 * MT + mt * 16 + g) * TILE_LD + warp_n * 8 * NT + nt * 8 + 2 * t
+                        for half in range(2):  # rows g and g + 8 of the m16n8 tile
+                            v0 = int32(0)
+                            v1 = int32(0)
+                            for j in range(PG):
+                                for i in range(Q):
+                                    v0 += pair_coef[j, i] * acc[j, i, mt, nt, 2 * half]
+                                    v1 += pair_coef[j, i] * acc[j, i, mt, nt, 2 * half + 1]
+                            if SUMS_IN_TILE and (ps != 0 or kg != 0):
+                                v0 += int32(ld_shared(smem, at + half * 8 * TILE_LD))
+                                v1 += int32(ld_shared(smem, at + half * 8 * TILE_LD + 1))
+                            st_shared_v2(smem, at + half * 8 * TILE_LD, v0, v1)
+            if WK > 1:
+                cuda.syncthreads()
+        cuda.syncthreads()
+
     def apmm(a_words, b_words, M, N, kwords, coef_w, coef_x, c_sw, c_sx, c_const,
              sum_w, sum_x, scale, bias, y, y_stride_m, y_stride_n):
         smem = cuda.shared.array(0, uint32)  # dynamic: config.shared_bytes(p, q), given at launch
@@ -282,8 +355,6 @@ def apmm_kernel(p, q, config, out_float):
         a_frag = cuda.local.array((PG, MT, 4), int32)
         b_frag = cuda.local.array((Q, NT, 2), int32)
         pair_coef = cuda.local.array((PG, Q), int32)
-        g = lane >> 2
-        t = lane & 3
 
         for ps in range(PASSES):
             for j in range(PG):
@@ -309,71 +380,11 @@ def apmm_kernel(p, q, config, out_float):
                                a_src, a_dst, a_step, a_bytes, b_src, b_dst, b_step, b_bytes)
                 cp_async_commit()
 
-                base = (kt % STAGES) * STAGE_WORDS
-                for sub in range(STEPS // WK):
-                    step = warp_k + sub * WK
-                    a_lane = base + swizzle(a_row, 2 * step + (lane >> 4))
-                    b_lane = base + swizzle(b_row, 2 * step + ((lane >> 3) & 1))
-                    b_lane_odd = base + swizzle(b_row_odd, 2 * step + ((lane >> 3) & 1))
-                    for j in range(PG):
-                        for mt in range(MT):
-                            f = ldmatrix_x4(smem, a_lane + (j * BM + mt * 16) * ROW_WORDS)
-                            a_frag[j, mt, 0] = f[0]
-                            a_frag[j, mt, 1] = f[1]
-                            a_frag[j, mt, 2] = f[2]
-                            a_frag[j, mt, 3] = f[3]
-                    for i in range(Q):
-                        for pair in range(NT_PAIRS):
-                            f = ldmatrix_x4(smem, b_lane + (i * BN + pair * 16) * ROW_WORDS)
-                            b_frag[i, 2 * pair, 0] = f[0]
-                            b_frag[i, 2 * pair, 1] = f[1]
-                            b_frag[i, 2 * pair + 1, 0] = f[2]
-                            b_frag[i, 2 * pair + 1, 1] = f[3]
-                        if NT_ODD:
-                            h = ldmatrix_x2(smem, b_lane_odd + i * BN * ROW_WORDS)
-                            b_frag[i, NT - 1, 0] = h[0]
-                            b_frag[i, NT - 1, 1] = h[1]
-                    for j in range(PG):
-                        for i in range(Q):
-                            for mt in range(MT):
-                                for nt in range(NT):
-                                    d = mma_m16n8k256_and(
-                                        a_frag[j, mt, 0], a_frag[j, mt, 1], a_frag[j, mt, 2], a_frag[j, mt, 3],
-                                        b_frag[i, nt, 0], b_frag[i, nt, 1],
-                                        acc[j, i, mt, nt, 0], acc[j, i, mt, nt, 1],
-                                        acc[j, i, mt, nt, 2], acc[j, i, mt, nt, 3],
-                                    )
-                                    acc[j, i, mt, nt, 0] = d[0]
-                                    acc[j, i, mt, nt, 1] = d[1]
-                                    acc[j, i, mt, nt, 2] = d[2]
-                                    acc[j, i, mt, nt, 3] = d[3]
+                compute_stage(smem, (kt % STAGES) * STAGE_WORDS, warp_k, lane, a_row, b_row, b_row_odd, acc, a_frag, b_frag)
 
             # Epilogue step 1: plane pairs weighted cw_j * cx_i -> the int32 output tile in shared
             # memory.  With one pass it lies over the stages, so wait until every warp is done.
-            wait_all()
-            cuda.syncthreads()
-            for j in range(PG):
-                for i in range(Q):
-                    pair_coef[j, i] = coef_w[ps * PG + j] * coef_x[i]
-            for kg in range(WK):  # k-groups add their partial sums one after another
-                if warp_k == kg:
-                    for mt in range(MT):
-                        for nt in range(NT):
-                            at = TILE_BASE + (warp_m * 16 * MT + mt * 16 + g) * TILE_LD + warp_n * 8 * NT + nt * 8 + 2 * t
-                            for half in range(2):  # rows g and g + 8 of the m16n8 tile
-                                v0 = int32(0)
-                                v1 = int32(0)
-                                for j in range(PG):
-                                    for i in range(Q):
-                                        v0 += pair_coef[j, i] * acc[j, i, mt, nt, 2 * half]
-                                        v1 += pair_coef[j, i] * acc[j, i, mt, nt, 2 * half + 1]
-                                if SUMS_IN_TILE and (ps != 0 or kg != 0):
-                                    v0 += int32(ld_shared(smem, at + half * 8 * TILE_LD))
-                                    v1 += int32(ld_shared(smem, at + half * 8 * TILE_LD + 1))
-                                st_shared_v2(smem, at + half * 8 * TILE_LD, v0, v1)
-                if WK > 1:
-                    cuda.syncthreads()
-            cuda.syncthreads()
+            fold_into_tile(smem, ps, acc, pair_coef, coef_w, coef_x, warp_m, warp_n, warp_k, lane)
 
         # Epilogue step 2: walk the tile along the output's contiguous axis, four elements per
         # thread at a time (16-byte loads and stores where the row allows): binary-encoding
