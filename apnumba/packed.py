@@ -17,6 +17,16 @@ def _launch_stream(stream):
     return stream if stream else cuda.default_stream()
 
 
+def _rows(codes, name):
+    """(rows, K) codes and the image shape (N, H, W) if they were NHWC images."""
+    if codes.ndim == 4:
+        n, h, w, c = codes.shape
+        return codes.reshape(n * h * w, c), (n, h, w)
+    if codes.ndim != 2:
+        raise ValueError(f"{name}: expected a 2-D (rows, K) array or NHWC images (N, H, W, C), got shape {codes.shape}")
+    return codes, None
+
+
 class PackedTensor:
     """Bit planes of integer codes ``(rows, K)`` of one :class:`~apnumba.precision.Precision`.
 
@@ -26,7 +36,7 @@ class PackedTensor:
     (float32 per row), ``zero_point``.
     """
 
-    def __init__(self, words, rowsum, shape, precision, scale=1.0, zero_point=0):
+    def __init__(self, words, rowsum, shape, precision, scale=1.0, zero_point=0, image=None):
         self.precision = Precision.parse(precision)
         rows, K = (int(s) for s in shape)
         if rows < 1 or K < 1:
@@ -42,6 +52,11 @@ class PackedTensor:
         self.rowsum = rowsum
         self.scale = normalize_scale(scale, rows)
         self.zero_point = check_zero_point(self.precision, zero_point)
+        if image is not None:
+            image = tuple(int(v) for v in image)
+            if len(image) != 3 or image[0] * image[1] * image[2] != rows:
+                raise ValueError(f"image: expected (N, H, W) with N*H*W = {rows} rows, got {image}")
+        self.image = image  # (N, H, W) when the rows are the pixels of NHWC images
 
     rows = property(lambda self: self.shape[0])
     K = property(lambda self: self.shape[1])
@@ -62,22 +77,28 @@ class PackedTensor:
 
     @classmethod
     def from_codes(cls, codes, precision, scale=1.0, zero_point=0):
-        """Pack host integer codes (rows, K) with the reference packer and upload them (weights, once)."""
+        """Pack host integer codes (rows, K) - or NHWC images (N, H, W, C) - and upload them."""
         require_gpu()
         precision = Precision.parse(precision)
         codes = precision.check_codes(np.asarray(codes), "codes")
-        if codes.ndim != 2:
-            raise ValueError(f"codes: expected a 2-D (rows, K) array, got shape {codes.shape}")
+        codes, image = _rows(codes, "codes")
         words = cuda.to_device(reference.pack(codes, precision))
         rowsum = cuda.to_device(reference.row_sums(codes))
-        return cls(words, rowsum, codes.shape, precision, scale, zero_point)
+        return cls(words, rowsum, codes.shape, precision, scale, zero_point, image)
 
     @classmethod
     def from_float(cls, x, precision, scale=1.0, zero_point=0, stream=0):
-        """Quantize and pack a float32/float16 (rows, K) array (host or device) on the GPU."""
+        """Quantize and pack a float32/float16 (rows, K) array - or NHWC images (N, H, W, C) - on the GPU."""
         require_gpu()
-        x = as_device_array(x, "x", dtypes=(np.float32, np.float16), ndim=2)
+        x = as_device_array(x, "x", dtypes=(np.float32, np.float16))
+        image = None
+        if len(x.shape) == 4:
+            image = tuple(x.shape[:3])
+            x = x.reshape(image[0] * image[1] * image[2], x.shape[3])
+        elif len(x.shape) != 2:
+            raise ValueError(f"x: expected a (rows, K) array or NHWC images (N, H, W, C), got shape {tuple(x.shape)}")
         out = cls.empty(x.shape, precision, scale, zero_point)
+        out.image = image
         return out.pack_(x, stream=stream)
 
     def pack_(self, x, stream=0):

@@ -82,3 +82,31 @@ def check_apmm(rng, pw, px, M, N, K, config=None, out_float=False, layout="mn", 
         f"w{pw}a{px} M={M} N={N} K={K} {config.short() if config else 'default'}: "
         f"{len(bad)} wrong, first at {bad[:3].tolist()}: got {got[tuple(bad[0])]}, expected {expect[tuple(bad[0])]}"
     )
+
+
+def check_conv(rng, px, pw, image, K, k, stride, padding, config=None, out_float=False, zx=0, zw=0):
+    """apconv on random codes vs the plain integer convolution (and its float32 epilogue), poisoned output."""
+    from apnumba.conv import PackedConvWeight, apconv
+
+    N, H, W, C = image
+    x = R.random_codes(rng, image, px)
+    w = R.random_codes(rng, (K, k, k, C), pw)
+    exact = R.conv2d_int(x, w, stride, padding, zx, zw)
+    X = PackedTensor.from_codes(x, px, zero_point=zx)
+    Wt = PackedConvWeight.from_codes(w, pw, zero_point=zw)
+    if out_float:
+        scale = rng.uniform(-2, 2, K).astype(np.float32)
+        bias = rng.uniform(-50, 50, K).astype(np.float32)
+        out = cuda.to_device(np.full(exact.shape, FLOAT_POISON))
+        apconv(X, Wt, stride, padding, out=out, scale=scale, bias=bias, config=config)
+        expect = exact.astype(np.int32).astype(np.float32) * scale + bias
+    else:
+        out = cuda.to_device(np.full(exact.shape, INT_POISON))
+        apconv(X, Wt, stride, padding, out=out, config=config)
+        expect = exact.astype(np.int32)
+    got = out.copy_to_host()
+    bad = np.argwhere(got != expect)
+    assert bad.size == 0, (
+        f"conv x{px} w{pw} {image} K={K} {k}x{k} s{stride} p{padding} {config.short() if config else 'default'}: "
+        f"{len(bad)} wrong, first at {bad[:3].tolist()}: got {got[tuple(bad[0])]}, expected {expect[tuple(bad[0])]}"
+    )

@@ -119,3 +119,21 @@ def test_apmm_sm80(p, q):
     cfg = default_config(p, q, 8192, 8192, 8192)
     c = _apmm_sass(p, q, cfg, True, (8, 0))
     check_clean(c, count=cfg.mma_per_step(p, q))
+
+
+CONV = [
+    (1, 2, (256, 8 * 28 * 28, 256 * 9)), (2, 2, (512, 256 * 7 * 7, 512 * 9)),
+    (1, 2, (64, 8 * 112 * 112, 256 * 49)), (1, 1, (128, 16 * 16, 1024 * 9)), (8, 8, (64, 8 * 56 * 56, 256 * 9)),
+]
+
+
+@pytest.mark.parametrize("p,q,shape", CONV, ids=[f"w{c[0]}a{c[1]}-{c[2][0]}" for c in CONV])
+@pytest.mark.parametrize("out_float", [False, True], ids=["i32", "f32"])
+def test_apconv_sm90(p, q, shape, out_float):
+    from apnumba.conv import _signature as conv_signature, conv_config
+    from apnumba.kernels.apmm import apconv_kernel
+
+    cfg = conv_config(p, q, *shape)
+    c = sass.compile_kernel(apconv_kernel(p, q, cfg, out_float).py_func, conv_signature(out_float), (9, 0))
+    check_clean(c, count=cfg.mma_per_step(p, q))
+    print(f"apconv w{p}a{q} {cfg.short()}: {c.registers} registers")

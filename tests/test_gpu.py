@@ -14,7 +14,7 @@ from apnumba.packed import PackedTensor
 from apnumba.precision import Precision, quantize
 from apnumba.tuning import candidates, default_config
 from tests.conftest import requires_gpu
-from tests.helpers import check_apmm, check_pack, check_tiles, precisions
+from tests.helpers import check_apmm, check_conv, check_pack, check_tiles, precisions
 
 pytestmark = requires_gpu
 
@@ -122,3 +122,28 @@ def test_matmul_convenience_from_floats_and_codes(rng):
     codes = R.random_codes(rng, (10, 300), Precision.parse("b1"))
     xc = R.random_codes(rng, (9, 300), Precision.parse("u3"))
     assert (matmul(codes, xc, "b1", "u3") == R.matmul_int(codes, xc)).all()
+
+
+# ---------------------------------------------------------------- convolution (issue 4)
+
+CONV_GEOMETRY = [  # (image N,H,W,C), K, kernel, stride, padding
+    ((2, 14, 14, 64), 64, 3, 1, 1), ((2, 15, 13, 70), 40, 3, 2, 1), ((1, 16, 16, 33), 96, 1, 1, 0),
+    ((2, 9, 9, 20), 32, 5, 1, 2), ((1, 23, 23, 3), 64, 7, 2, 3), ((1, 47, 47, 3), 48, 11, 4, 2),
+    ((3, 8, 8, 300), 16, 3, 1, 0), ((1, 8, 8, 128), 128, 1, 2, 0),
+]
+
+
+@pytest.mark.parametrize("image,K,k,stride,padding", CONV_GEOMETRY, ids=[f"{g[2]}x{g[2]}s{g[3]}p{g[4]}c{g[0][3]}" for g in CONV_GEOMETRY])
+def test_apconv_geometries(rng, image, K, k, stride, padding):
+    for px, pw in [("u2", "b1"), ("b1", "b1"), ("s2", "s2")]:
+        check_conv(rng, Precision.parse(px), Precision.parse(pw), image, K, k, stride, padding)
+
+
+@pytest.mark.parametrize("p,q", [(1, 1), (1, 2), (2, 2), (1, 4), (4, 4), (8, 8), (3, 5)])
+def test_apconv_every_encoding_pair(rng, p, q):
+    for pw, px in itertools.product(precisions(p), precisions(q)):
+        check_conv(rng, px, pw, (2, 10, 11, 45), 32, 3, 1, 1, out_float=pw.encoding.value == "signed")
+
+
+def test_apconv_zero_points(rng):
+    check_conv(rng, Precision.parse("u4"), Precision.parse("u3"), (2, 12, 12, 50), 48, 3, 2, 1, zx=5, zw=2)

@@ -103,3 +103,48 @@ def test_accumulator_overflow_is_refused_before_launch():
     assert product_bound(10, "u2", "u2", 0, 3) == 10 * 3 * 3
     # binary x binary never overflows for any sensible K
     check_accumulator(2**30, "b1", "b1")
+
+
+# ---------------------------------------------------------------- convolution
+
+
+@settings(max_examples=120, deadline=None)
+@given(
+    st.sampled_from(ALL), st.sampled_from(ALL),
+    st.integers(1, 2), st.integers(1, 9), st.integers(1, 9), st.integers(1, 70), st.integers(1, 5),
+    st.sampled_from([1, 3, 5]), st.sampled_from([1, 2, 4]), st.integers(0, 2), st.integers(0, 2**32 - 1),
+)
+def test_conv_algebra_equals_integer_convolution(px, pw, N, H, W, C, K, k, stride, padding, seed):
+    """Gathered planes + border corrections (what the kernel does) == plain convolution of the values."""
+    if H + 2 * padding < k or W + 2 * padding < k:
+        return
+    rng = np.random.default_rng(seed)
+    x = R.random_codes(rng, (N, H, W, C), px)
+    w = R.random_codes(rng, (K, k, k, C), pw)
+    zx = int(rng.integers(0, px.hi + 1)) if px.encoding.value == "unsigned" else 0
+    zw = int(rng.integers(0, pw.hi + 1)) if pw.encoding.value == "unsigned" else 0
+    assert (R.conv2d(x, w, px, pw, stride, padding, zx, zw) == R.conv2d_int(x, w, stride, padding, zx, zw)).all()
+
+
+def test_conv_zero_padding_is_the_value_zero_for_binary_activations():
+    """+-1 activations: a tap outside the image adds 0, not -1 (torch's padding on the dequantized values)."""
+    x = np.ones((1, 1, 1, 1), int)  # one pixel of value +1
+    w = np.ones((1, 3, 3, 1), int)
+    assert R.conv2d(x, w, "b1", "b1", 1, 1).item() == 1
+    assert R.conv2d(-x, w, "b1", "b1", 1, 1).item() == -1
+
+
+def test_conv_weight_layout():
+    w = np.zeros((2, 3, 3, 40), int)
+    w[1, 2, 1, 33] = 1  # tap (2, 1) = 7, channel 33 -> word 7 * 8 + 1, bit 1
+    words, rowsum, taps = R.pack_conv_weight(w, "u1")
+    assert words.shape == (1, 2, 9 * 8)
+    assert words[0, 1, 7 * 8 + 1] == 1 << 1 and words.sum() == 1 << 1
+    assert rowsum.tolist() == [0, 1] and taps[1, 7] == 1 and taps.sum() == 1
+
+
+def test_conv_shapes_are_checked():
+    with pytest.raises(ValueError, match="gives no output"):
+        R.conv_output_size(2, 5, 1, 1)
+    with pytest.raises(ValueError, match="same C"):
+        R.conv2d_int(np.zeros((1, 4, 4, 3)), np.zeros((2, 3, 3, 4)))

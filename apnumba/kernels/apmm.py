@@ -70,6 +70,7 @@ from .ptx import (
     mma_m16n8k256_and,
     st_global_cs_v4,
     st_global_v4,
+    st_shared,
     st_shared_v2,
 )
 
@@ -134,10 +135,11 @@ class TileConfig:
     def stage_words(self, p, q):
         return self.steps * (self.group(p) * self.block_m + q * self.block_n) * K_STEP_WORDS
 
-    def shared_bytes(self, p, q):
-        """Dynamic shared memory: the stages, and the int32 output tile (over them when there is one pass)."""
+    def shared_bytes(self, p, q, conv=False):
+        """Dynamic shared memory: the stages, and the int32 output tile (over them when there is one pass);
+        convolutions store the tile transposed and keep four words per output pixel after it."""
         stages = self.stages * self.stage_words(p, q)
-        tile = self.block_m * (self.block_n + 8)
+        tile = self.block_n * (self.block_m + 4) + 4 * self.block_n if conv else self.block_m * (self.block_n + 8)
         return 4 * (max(stages, tile) if self.passes(p) == 1 else stages + tile)
 
     def mma_per_step(self, p, q):
@@ -158,6 +160,21 @@ def apmm_kernel(p, q, config, out_float):
     Launch: grid (ceil(N / block_n), ceil(M / block_m)), block (config.threads,),
     dynamic shared memory config.shared_bytes(p, q).
     """
+    return _build(p, q, config, out_float, conv=False)
+
+
+@functools.lru_cache(maxsize=None)
+def apconv_kernel(p, q, config, out_float):
+    """The APConv kernel: the same pipeline with B gathered from NHWC activations (an implicit GEMM).
+
+    M = output channels, N = output pixels (n, oh, ow), K = R * S taps x the padded channel words.
+    Launch: grid (ceil(N / block_n), ceil(M / block_m)), block (config.threads,),
+    dynamic shared memory config.shared_bytes(p, q, conv=True).
+    """
+    return _build(p, q, config, out_float, conv=True)
+
+
+def _build(p, q, config, out_float, conv):
     PG = config.group(p)
     PASSES = config.passes(p)
     Q = q
@@ -175,14 +192,21 @@ def apmm_kernel(p, q, config, out_float):
     A_COPIES = -(-A_ROWS * CHUNKS // THREADS)  # 16-byte copies per thread per stage
     B_COPIES = -(-B_ROWS * CHUNKS // THREADS)
     NT_PAIRS, NT_ODD = NT // 2, NT % 2
-    TILE_LD = BN + 8  # int32 row stride of the output tile: 64-bit fragment stores are conflict-free
+    # The int32 output tile: [m][n] with rows of BN + 8 (64-bit fragment stores conflict-free), or for
+    # convolutions, whose output is NHWC, transposed [n][m] with rows of BM + 4 (scalar fragment stores
+    # and 16-byte reads along m conflict-free).  Convolutions keep per-pixel data after it (COLUMNS).
+    TILE_NM = conv
+    TILE_LD = BM + 4 if TILE_NM else BN + 8
     TILE_BASE = 0 if PASSES == 1 else STAGES * STAGE_WORDS
+    COL_BASE = TILE_BASE + (BN * TILE_LD if TILE_NM else BM * TILE_LD)
+    COLUMNS = 4 if conv else 0  # valid taps x C, sum of the taps' pixel sums, ih0, iw0
     SUMS_IN_TILE = PASSES > 1 or WK > 1  # several partial sums meet in the tile
     OUT_FLOAT = bool(out_float)
+    OUT_DTYPE = float32 if OUT_FLOAT else int32
     RASTER, STREAM_OUT = config.raster, config.stream_out
     wait_for_stage = cp_async_wait(STAGES - 2)
     wait_all = cp_async_wait(0)
-    assert config.shared_bytes(p, q) == 4 * max(STAGES * STAGE_WORDS, TILE_BASE + BM * TILE_LD)
+    assert config.shared_bytes(p, q, conv) == 4 * max(STAGES * STAGE_WORDS, COL_BASE + COLUMNS * BN)
 
     @cuda.jit(device=True, inline="always")
     def finish(v, row_term, c_sx, sum_x, n, scale, bias, m):
@@ -282,7 +306,20 @@ def apmm_kernel(p, q, config, out_float):
             for i in range(Q):
                 pair_coef[j, i] = coef_w[ps * PG + j] * coef_x[i]
         for kg in range(WK):  # k-groups add their partial sums one after another
-            if warp_k == kg:
+            if warp_k == kg and TILE_NM:
+                for mt in range(MT):
+                    for nt in range(NT):
+                        for e in range(4):  # element (m, n) of the fragment -> tile[n][m]
+                            m = warp_m * 16 * MT + mt * 16 + g + 8 * (e >> 1)
+                            n = warp_n * 8 * NT + nt * 8 + 2 * t + (e & 1)
+                            v = int32(0)
+                            for j in range(PG):
+                                for i in range(Q):
+                                    v += pair_coef[j, i] * acc[j, i, mt, nt, e]
+                            if SUMS_IN_TILE and (ps != 0 or kg != 0):
+                                v += int32(ld_shared(smem, TILE_BASE + n * TILE_LD + m))
+                            st_shared(smem, TILE_BASE + n * TILE_LD + m, v)
+            elif warp_k == kg:
                 for mt in range(MT):
                     for nt in range(NT):
                         at = TILE_BASE + (warp_m * 16 * MT + mt * 16 + g) * TILE_LD + warp_n * 8 * NT + nt * 8 + 2 * t
@@ -424,6 +461,192 @@ def apmm_kernel(p, q, config, out_float):
                     one = int32(ld_shared(smem, TILE_BASE + r * TILE_LD + c))
                     y[m * y_stride_m + n * y_stride_n] = finish(one, row_term, c_sx, sum_x, n, scale, bias, m)
 
-    apmm.__name__ = f"apmm_w{p}a{q}_{config.short()}_{'f32' if OUT_FLOAT else 'i32'}"
-    apmm.__qualname__ = apmm.__name__
-    return cuda.jit(apmm)
+    @cuda.jit(device=True, inline="always")
+    def inside(ih, iw, H, W):
+        return ih >= 0 and ih < H and iw >= 0 and iw < W
+
+    @cuda.jit(device=True, inline="always")
+    def border_tap_sum(tap_sums, m, ih0, iw0, H, W, R, S):
+        """Sum over the taps of output channel m that fall inside the image (a border pixel's SWv)."""
+        total = int32(0)
+        for r in range(R):
+            for s in range(S):
+                if inside(ih0 + r, iw0 + s, H, W):
+                    total += tap_sums[m * R * S + r * S + s]
+        return total
+
+    def apconv(a_words, b_words, M, N, kwords, geometry, coef_w, coef_x, ex, ew, c_k,
+               sum_w, tap_sums, sum_x, scale, bias, y):
+        """Implicit-GEMM convolution: a_words = weights (K_out x R*S*cwords), b_words = NHWC activations.
+
+        geometry: [H, W, cwords, R, S, stride, padding, OH, OW, C].  y: NHWC output, y[n * M + m].
+        Corrections (reference.py, convolution): per output pixel n with Kv = valid taps x C,
+            y = sum of plane pairs + ex * SWv[m, n] + ew * SXv[n] + c_k * Kv
+        """
+        smem = cuda.shared.array(0, uint32)
+        tid = cuda.threadIdx.x
+        lane = tid & 31
+        warp = tid >> 5
+        warp_m = warp % WM
+        warp_n = (warp // WM) % WN
+        warp_k = warp // (WM * WN)
+        m0 = cuda.blockIdx.y * BM
+        n0 = cuda.blockIdx.x * BN
+        H = geometry[0]
+        W = geometry[1]
+        cwords = geometry[2]
+        R = geometry[3]
+        S = geometry[4]
+        stride = geometry[5]
+        pad = geometry[6]
+        OH = geometry[7]
+        OW = geometry[8]
+        C = geometry[9]
+        images, _ = divmod_u32(N, OH * OW)
+        pixels = images * H * W  # input pixels of all images
+        csteps = cwords // K_STEP_WORDS
+        k_steps = kwords // K_STEP_WORDS  # = R * S * csteps
+        k_tiles = (k_steps + STEPS - 1) // STEPS
+
+        # A (weights): the GEMM copy plan.
+        a_src = cuda.local.array(A_COPIES, int64)
+        a_dst = cuda.local.array(A_COPIES, int32)
+        a_step = cuda.local.array(A_COPIES, int32)
+        a_bytes = cuda.local.array(A_COPIES, int32)
+        for c in range(A_COPIES):
+            copy = c * THREADS + tid
+            a_src[c], a_dst[c], a_step[c], a_bytes[c] = plan_copies(copy, BM, M, m0, kwords, 0)
+            if copy >= A_ROWS * CHUNKS:
+                a_dst[c] = -1
+        # B (activations): each copy slot is one output pixel's chunk; which input pixel it reads
+        # depends on the tap of the k-step, so keep the pixel's corner (ih0, iw0) and its image's
+        # first pixel.  THREADS is a multiple of CHUNKS, so every slot of a thread has the same
+        # chunk: one k-step (and one tap counter) per thread.
+        chunk = tid % CHUNKS
+        b_dst = cuda.local.array(B_COPIES, int32)
+        b_base = cuda.local.array(B_COPIES, int32)  # plane * pixels + image * H * W
+        b_ih0 = cuda.local.array(B_COPIES, int32)
+        b_iw0 = cuda.local.array(B_COPIES, int32)
+        for c in range(B_COPIES):
+            prow = (c * THREADS + tid) // CHUNKS
+            plane = prow // BN
+            n = n0 + prow - plane * BN
+            img, rest = divmod_u32(min(n, N - 1), OH * OW)
+            oh, ow = divmod_u32(rest, OW)
+            b_dst[c] = A_ROWS * ROW_WORDS + swizzle(prow, chunk) if prow < B_ROWS else -1
+            b_base[c] = plane * pixels + img * H * W
+            b_ih0[c] = oh * stride - pad if n < N else -(1 << 24)  # rows past N never fall inside
+            b_iw0[c] = ow * stride - pad
+
+        a_row = warp_m * 16 * MT + (lane & 7) + 8 * ((lane >> 3) & 1)
+        b_row = A_ROWS + warp_n * 8 * NT + (lane & 7) + 8 * (lane >> 4)
+        b_row_odd = A_ROWS + warp_n * 8 * NT + (NT - 1) * 8 + (lane & 7)
+        acc = cuda.local.array((PG, Q, MT, NT, 4), int32)
+        a_frag = cuda.local.array((PG, MT, 4), int32)
+        b_frag = cuda.local.array((Q, NT, 2), int32)
+        pair_coef = cuda.local.array((PG, Q), int32)
+
+        for ps in range(PASSES):
+            for j in range(PG):
+                for i in range(Q):
+                    for mt in range(MT):
+                        for nt in range(NT):
+                            for e in range(4):
+                                acc[j, i, mt, nt, e] = 0
+            a_pass = int64(ps * PG) * M * kwords
+            # The tap (r, s) and channel step of this thread's k-step in the next stage to load.
+            step = chunk >> 1
+            tap, tap_c = divmod_u32(step, csteps)
+            tap_r, tap_s = divmod_u32(tap, S)
+
+            for kt in range(k_tiles + STAGES - 1):
+                # The APMM pipeline, prologue folded in: step kt loads k-tile kt and, once the ring is
+                # full, waits for and computes k-tile kt - (STAGES - 1).
+                ct = kt - (STAGES - 1)
+                if ct >= 0:
+                    wait_for_stage()
+                    cuda.syncthreads()
+                if kt < k_tiles:
+                    base = (kt % STAGES) * STAGE_WORDS
+                    step0 = kt * STEPS
+                    for c in range(A_COPIES):
+                        if a_dst[c] >= 0:
+                            live = step0 + a_step[c] < k_steps
+                            src = a_pass + a_src[c] + step0 * K_STEP_WORDS if live else int64(0)
+                            cp_async_16(smem, base + a_dst[c], a_words, src, a_bytes[c] if live else 0)
+                    for c in range(B_COPIES):
+                        if b_dst[c] >= 0:
+                            ih = b_ih0[c] + tap_r
+                            iw = b_iw0[c] + tap_s
+                            live = step0 + step < k_steps and inside(ih, iw, H, W)
+                            src = int64(b_base[c] + ih * W + iw) * cwords + tap_c * K_STEP_WORDS + (chunk & 1) * 4
+                            cp_async_16(smem, base + b_dst[c], b_words, src if live else int64(0), 16 if live else 0)
+                    tap_c += STEPS  # advance this thread's k-step by one stage
+                    while tap_c >= csteps:
+                        tap_c -= csteps
+                        tap_s += 1
+                        if tap_s == S:
+                            tap_s = 0
+                            tap_r += 1
+                cp_async_commit()
+                if ct >= 0:
+                    compute_stage(smem, (ct % STAGES) * STAGE_WORDS, warp_k, lane, a_row, b_row, b_row_odd, acc, a_frag, b_frag)
+
+            fold_into_tile(smem, ps, acc, pair_coef, coef_w, coef_x, warp_m, warp_n, warp_k, lane)
+
+        # Per output pixel of the tile: valid taps x C, and the sum of the valid taps' pixel sums.
+        for cc in range(tid, BN, THREADS):
+            n = n0 + cc
+            img, rest = divmod_u32(min(n, N - 1), OH * OW)
+            oh, ow = divmod_u32(rest, OW)
+            ih0 = oh * stride - pad
+            iw0 = ow * stride - pad
+            taps = int32(0)
+            sx = int32(0)
+            for r in range(R):
+                for s in range(S):
+                    if inside(ih0 + r, iw0 + s, H, W):
+                        taps += 1
+                        if ew != 0:
+                            sx += sum_x[img * H * W + (ih0 + r) * W + iw0 + s]
+            st_shared(smem, COL_BASE + cc, taps * C)
+            st_shared(smem, COL_BASE + BN + cc, sx)
+            st_shared(smem, COL_BASE + 2 * BN + cc, ih0)
+            st_shared(smem, COL_BASE + 3 * BN + cc, iw0)
+        cuda.syncthreads()
+
+        # Epilogue step 2 along m (NHWC is channel-contiguous): corrections, then int32 or float32.
+        full = R * S * C
+        vector = (M & 3) == 0
+        for idx in range(tid, BN * (BM // 4), THREADS):
+            cc = idx // (BM // 4)
+            r4 = 4 * (idx - cc * (BM // 4))
+            n = n0 + cc
+            m = m0 + r4
+            if n < N and m < M:
+                four = ld_shared_v4(smem, TILE_BASE + cc * TILE_LD + r4)
+                kv = int32(ld_shared(smem, COL_BASE + cc))
+                col_term = c_k * kv + (ew * int32(ld_shared(smem, COL_BASE + BN + cc)) if ew != 0 else 0)
+                ih0 = int32(ld_shared(smem, COL_BASE + 2 * BN + cc))
+                iw0 = int32(ld_shared(smem, COL_BASE + 3 * BN + cc))
+                out = cuda.local.array(4, OUT_DTYPE)
+                for e in range(4):
+                    v = int32(four[e]) + col_term
+                    if ex != 0 and m + e < M:
+                        v += ex * (sum_w[m + e] if kv == full else border_tap_sum(tap_sums, m + e, ih0, iw0, H, W, R, S))
+                    if OUT_FLOAT:
+                        out[e] = f32_add_rn(f32_mul_rn(float32(v), scale[min(m + e, M - 1)]), bias[min(m + e, M - 1)])
+                    else:
+                        out[e] = v
+                at = n * M + m
+                if vector and m + 3 < M:
+                    st_global_v4(y, at, out[0], out[1], out[2], out[3])
+                else:
+                    for e in range(4):
+                        if m + e < M:
+                            y[at + e] = out[e]
+
+    kernel = apconv if conv else apmm
+    kernel.__name__ = f"{'apconv' if conv else 'apmm'}_w{p}a{q}_{config.short()}_{'f32' if OUT_FLOAT else 'i32'}"
+    kernel.__qualname__ = kernel.__name__
+    return cuda.jit(kernel)

@@ -46,6 +46,7 @@ __all__ = [
     "ld_shared",
     "divmod_u32",
     "st_shared_v2",
+    "st_shared",
     "ld_shared_v4",
     "st_global_v4",
     "st_global_cs_v4",
@@ -77,6 +78,7 @@ if SIMULATOR:
         ld_shared,
         divmod_u32,
         st_shared_v2,
+        st_shared,
         ld_shared_v4,
         st_global_v4,
         st_global_cs_v4,
@@ -207,6 +209,22 @@ else:
             return builder.bitcast(builder.call(asm, [address]), context.get_value_type(sig.return_type))
 
         return smem.dtype(smem, index), codegen
+
+    @intrinsic
+    def st_shared(typingctx, smem, index, value):
+        """``smem[index] = value`` (32-bit words), with 32-bit address arithmetic."""
+        _check_word_array("st_shared", smem)
+
+        def codegen(context, builder, sig, args):
+            address = _shared_address(context, builder, sig.args[0], args[0], args[1], sig.args[1])
+            v = context.cast(builder, args[2], sig.args[2], types.int32)
+            asm = ir.InlineAsm(
+                ir.FunctionType(ir.VoidType(), [_i32, _i32]), "st.shared.b32 [$0], $1;", "r,r,~{memory}", side_effect=True
+            )
+            builder.call(asm, [address, v])
+            return context.get_dummy_value()
+
+        return types.void(smem, index, value), codegen
 
     @intrinsic
     def ld_shared_v4(typingctx, smem, index):

@@ -148,6 +148,10 @@ def st_global_v4(array, index, v0, v1, v2, v3):
 st_global_cs_v4 = st_global_v4
 
 
+def st_shared(smem, index, value):
+    smem[index] = np.int32(value).view(np.uint32)
+
+
 def st_shared_v2(smem, index, v0, v1):
     smem[index] = v0
     smem[index + 1] = v1

@@ -7,7 +7,7 @@ from apnumba.kernels.apmm import TileConfig
 from apnumba.precision import Precision
 
 from tests.conftest import requires_simulator
-from tests.helpers import check_apmm, check_pack, check_tiles
+from tests.helpers import check_apmm, check_conv, check_pack, check_tiles
 
 pytestmark = requires_simulator
 
@@ -47,3 +47,23 @@ def test_apmm_one_tile(rng, pw, px, cfg, M, N, K, out_float, layout):
 
 def test_apmm_zero_points(rng):
     check_apmm(rng, Precision.parse("u3"), Precision.parse("u2"), 6, 9, 80, TileConfig(1, 1, 1, 2, 2), zw=5, zx=1)
+
+
+# Tiny convolutions through the APConv kernel: taps, strides, borders, binary activations' padding.
+CONV_CASES = [
+    ("u2", "b1", (1, 5, 6, 40), 16, 3, 1, 1, TileConfig(1, 1, 1, 2, 2), False),
+    ("b1", "s2", (2, 7, 5, 20), 16, 3, 2, 1, TileConfig(1, 1, 1, 1, 3, 0, 1, 2), True),
+    ("s3", "u2", (1, 4, 4, 300), 20, 1, 1, 0, TileConfig(1, 1, 1, 2, 2), False),
+    ("b1", "b1", (1, 9, 9, 8), 16, 5, 2, 2, TileConfig(1, 1, 1, 2, 2, 0, 2, 2), False),
+]
+
+
+@pytest.mark.parametrize("px,pw,image,K,k,stride,padding,cfg,out_float", CONV_CASES,
+                         ids=[f"{c[0]}{c[1]}-{c[4]}x{c[4]}s{c[5]}" for c in CONV_CASES])
+def test_apconv_tiny(rng, px, pw, image, K, k, stride, padding, cfg, out_float):
+    check_conv(rng, Precision.parse(px), Precision.parse(pw), image, K, k, stride, padding, cfg, out_float)
+
+
+def test_apconv_zero_points(rng):
+    check_conv(rng, Precision.parse("u3"), Precision.parse("u2"), (1, 4, 5, 9), 16, 3, 1, 1,
+               TileConfig(1, 1, 1, 2, 2), zx=2, zw=1)
