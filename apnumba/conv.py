@@ -12,7 +12,7 @@ import numpy as np
 from numba import cuda, float32, int32, uint32
 
 from . import reference, tuning
-from .device import check_accumulator, require_gpu
+from .device import check_accumulator, require_gpu, zero_fill
 from .kernels.apmm import apconv_kernel
 from .kernels.launch import CompiledKernel
 from .matmul import _coef, _ones_zeros, _vector
@@ -48,15 +48,24 @@ class PackedConvWeight:
                    precision, scale, zero_point)
 
 
-def _signature(out_float):
+_OUT_TYPES = {"i32": int32, "f32": float32, "pack": uint32}
+
+
+def _signature(out):
+    out = {False: "i32", True: "f32"}.get(out, out)
     words, i32s = uint32[::1], int32[::1]
     return (words, words, int32, int32, int32, i32s, i32s, i32s, int32, int32, int32,
-            i32s, i32s, i32s, float32[::1], float32[::1], (float32 if out_float else int32)[::1])
+            i32s, i32s, i32s, float32[::1], float32[::1], _OUT_TYPES[out][::1], i32s, i32s, words, float32)
 
 
 @functools.lru_cache(maxsize=None)
-def launcher(p, q, config, out_float):
-    return CompiledKernel(apconv_kernel(p, q, config, out_float), _signature(out_float), config.shared_bytes(p, q, True))
+def launcher(p, q, config, out):
+    return CompiledKernel(apconv_kernel(p, q, config, out), _signature(out), config.shared_bytes(p, q, True))
+
+
+@functools.lru_cache(maxsize=None)
+def _dummy(dtype):
+    return cuda.device_array(1, dtype)
 
 
 @functools.lru_cache(maxsize=None)
@@ -64,18 +73,28 @@ def _geometry(values):
     return cuda.to_device(np.asarray(values, np.int32))
 
 
-def conv_config(p, q, M, N, K):
-    """The cost model's best tile with at most 16 mma per warp (the gather keeps more registers live)."""
+def conv_config(p, q, M, N, K, packed=False):
+    """The cost model's best tile with at most 16 mma per warp (the gather keeps more registers live);
+    a packed output needs whole 32-channel words per block (block_m a multiple of 32)."""
     for cfg in tuning.candidates(p, q, M, N, K, limit=64):
-        if cfg.mma_per_step(p, q) <= 16 and cfg.shared_bytes(p, q, True) <= tuning.MAX_SHARED_PER_BLOCK:
+        if (cfg.mma_per_step(p, q) <= 16 and cfg.shared_bytes(p, q, True) <= tuning.MAX_SHARED_PER_BLOCK
+                and not (packed and cfg.block_m % 32)):
             return cfg
-    return tuning.TileConfig(1, 1, 1, 1, 2)
+    return tuning.TileConfig(2, 1, 1, 1, 2)
 
 
-def apconv(x, w, stride=1, padding=0, *, out=None, scale=None, bias=None, config=None, stream=0):
+def apconv(x, w, stride=1, padding=0, *, out=None, scale=None, bias=None, relu=False, residual=None,
+           residual_scale=1.0, config=None, stream=0):
     """Convolve packed NHWC images ``x`` (a PackedTensor with ``image``) by ``w`` (PackedConvWeight).
 
-    Returns a device array (N, OH, OW, K): int32, or float32 ``y * scale[k] + bias[k]`` if scale or bias is given.
+    Output, by ``out``:
+    - None or a device array (N, OH, OW, K): int32 sums, or float32 ``y * scale[k] + bias[k]`` if scale
+      or bias is given;
+    - a PackedTensor (N*OH*OW rows, K channels): the fused epilogue writes the next layer's input -
+      ``t = y * scale[k] + bias[k]``, plus ``(residual - zr) * residual_scale`` (a PackedTensor of the
+      output's shape), ReLU if ``relu``, then ``out``'s quantizer with scale 1 (so fold the next layer's
+      scale into scale and bias) - exactly :func:`apnumba.reference.requantize`, then packed.
+    Returns ``out``.
     """
     require_gpu()
     if not isinstance(x, PackedTensor) or x.image is None:
@@ -86,29 +105,49 @@ def apconv(x, w, stride=1, padding=0, *, out=None, scale=None, bias=None, config
     N, H, W = x.image
     if x.K != C:
         raise ValueError(f"x, w: x has {x.K} channels, w expects {C}")
-    for name, v in (("stride", stride), ("padding", padding)):
-        if int(v) != v or v < (1 if name == "stride" else 0):
-            raise ValueError(f"{name}: expected an integer >= {1 if name == 'stride' else 0}, got {v!r}")
+    for name, v, least in (("stride", stride, 1), ("padding", padding, 0)):
+        if int(v) != v or v < least:
+            raise ValueError(f"{name}: expected an integer >= {least}, got {v!r}")
     OH, OW = reference.conv_output_size(H, R, stride, padding), reference.conv_output_size(W, S, stride, padding)
     check_accumulator(R * S * C, w.precision, x.precision, w.zero_point, x.zero_point)
-    out_float = scale is not None or bias is not None
-    dtype = np.float32 if out_float else np.int32
-    shape = (N, OH, OW, K)
-    if out is None:
-        out = cuda.device_array(shape, dtype)
-    elif tuple(out.shape) != shape or np.dtype(out.dtype) != dtype:
-        raise ValueError(f"out: expected {np.dtype(dtype).name} {shape}, got {np.dtype(out.dtype).name} {tuple(out.shape)}")
-    ones, zeros = _ones_zeros(K)
-    p, q = w.precision.bits, x.precision.bits
     M, Npix = K, N * OH * OW
-    cfg = config or conv_config(p, q, M, Npix, w.kwords * 32)
+    packed = isinstance(out, PackedTensor)
+    ones, zeros = _ones_zeros(K)
+    if packed:
+        if out.shape != (Npix, K):
+            raise ValueError(f"out: expected a PackedTensor of shape {(Npix, K)}, got {out.shape}")
+        kind = "pack"
+        epi = [out.bits, out.precision.encoding.code, out.zero_point, int(bool(relu)), 0, 0, 0, out.kwords, 0]
+        res_words = _dummy(np.uint32)
+        if residual is not None:
+            if not isinstance(residual, PackedTensor) or residual.shape != (Npix, K):
+                raise ValueError(f"residual: expected a PackedTensor of shape {(Npix, K)}")
+            epi[4:7] = [residual.bits, residual.precision.encoding.code, residual.zero_point]
+            epi[8] = residual.kwords
+            res_words = residual.words
+        zero_fill(out.rowsum, stream or cuda.default_stream())
+        y, y_rowsum = out.words, out.rowsum
+        out.image = (N, OH, OW)
+    else:
+        if relu or residual is not None:
+            raise ValueError("relu, residual: only the packed output (out=PackedTensor) applies them")
+        kind = "f32" if scale is not None or bias is not None else "i32"
+        dtype = np.float32 if kind == "f32" else np.int32
+        shape = (N, OH, OW, K)
+        if out is None:
+            out = cuda.device_array(shape, dtype)
+        elif tuple(out.shape) != shape or np.dtype(out.dtype) != dtype:
+            raise ValueError(f"out: expected {np.dtype(dtype).name} {shape}, got {np.dtype(out.dtype).name} {tuple(out.shape)}")
+        y, y_rowsum, res_words, epi = out, _dummy(np.int32), _dummy(np.uint32), [0] * 9
+    p, q = w.precision.bits, x.precision.bits
+    cfg = config or conv_config(p, q, M, Npix, w.kwords * 32, packed)
     dw, dx = w.precision.offset, x.precision.offset
     ew, ex = dw - w.zero_point, dx - x.zero_point
-    geometry = _geometry((H, W, w.cwords, R, S, int(stride), int(padding), OH, OW, C))
-    launcher(p, q, cfg, out_float).bind(
+    launcher(p, q, cfg, kind).bind(
         (-(-Npix // cfg.block_n), -(-M // cfg.block_m)), (cfg.threads,), stream,
-        (w.words, x.words, M, Npix, w.kwords, geometry, _coef(w.precision), _coef(x.precision),
-         ex, ew, ew * ex - ex * dw - ew * dx, w.rowsum, w.tap_sums, x.rowsum,
-         _vector(scale, K, "scale", ones), _vector(bias, K, "bias", zeros), out),
+        (w.words, x.words, M, Npix, w.kwords, _geometry((H, W, w.cwords, R, S, int(stride), int(padding), OH, OW, C)),
+         _coef(w.precision), _coef(x.precision), ex, ew, ew * ex - ex * dw - ew * dx, w.rowsum, w.tap_sums, x.rowsum,
+         _vector(scale, K, "scale", ones), _vector(bias, K, "bias", zeros), y, y_rowsum,
+         _geometry(tuple(int(v) for v in epi)), res_words, float(residual_scale)),
     )()
     return out

@@ -71,7 +71,8 @@ class PackedTensor:
         require_gpu()
         precision = Precision.parse(precision)
         rows, K = shape
-        words = cuda.device_array((precision.bits, rows, reference.padded_words(K)), dtype=np.uint32)
+        # Zeroed once: the padding words past K are never written by any kernel and must stay zero.
+        words = cuda.to_device(np.zeros((precision.bits, rows, reference.padded_words(K)), dtype=np.uint32))
         rowsum = cuda.device_array(rows, dtype=np.int32)
         return cls(words, rowsum, shape, precision, scale, zero_point)
 

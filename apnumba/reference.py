@@ -35,7 +35,7 @@ in disguise.  Padding bits are zero in every plane, so they add nothing to any p
 
 import numpy as np
 
-from .precision import Encoding, Precision
+from .precision import Encoding, Precision, quantize
 
 WORD_BITS = 32
 K_ALIGN_BITS = 256  # one m16n8k256 k-step
@@ -291,3 +291,29 @@ def conv2d(x_codes, w_codes, px, pw, stride=1, padding=0, zx=0, zw=0):
     y += kv * ew * ex
     OH, OW = conv_output_size(H, R, stride, padding), conv_output_size(W, S, stride, padding)
     return y.T.reshape(N, OH, OW, K)
+
+
+# ---------------------------------------------------------------- the fused epilogue
+
+
+def requantize(y, scale, bias, precision, zero_point=0, relu=False, residual=None, residual_zero_point=0,
+               residual_scale=1.0):
+    """The fused epilogue, in the kernel's float32 arithmetic (every operation rounded on its own):
+
+        t = y * scale[c] + bias[c]                            y: int32 sums, c: the last (channel) axis
+        t = t + (residual - residual_zero_point) * residual_scale    with a residual (codes, same shape)
+        t = max(t, 0)                                          with relu (NaN -> 0)
+        code = quantize(t, precision, scale=1, zero_point)     the next layer's codes
+
+    Folding batch norm and the scales into (scale, bias) is the caller's business, done once in
+    float64 and rounded to float32; both the GPU and this function start from those float32 values.
+    """
+    precision = Precision.parse(precision)
+    t = np.asarray(y, np.int32).astype(np.float32) * np.asarray(scale, np.float32) + np.asarray(bias, np.float32)
+    if residual is not None:
+        r = (np.asarray(residual, np.int64) - residual_zero_point).astype(np.float32)
+        t = t + r * np.float32(residual_scale)
+    if relu:
+        t = np.where(t > 0, t, np.float32(0))
+    flat = t.reshape(-1, 1)
+    return quantize(flat, precision, 1.0, zero_point).reshape(t.shape)

@@ -110,3 +110,33 @@ def check_conv(rng, px, pw, image, K, k, stride, padding, config=None, out_float
         f"conv x{px} w{pw} {image} K={K} {k}x{k} s{stride} p{padding} {config.short() if config else 'default'}: "
         f"{len(bad)} wrong, first at {bad[:3].tolist()}: got {got[tuple(bad[0])]}, expected {expect[tuple(bad[0])]}"
     )
+
+
+def check_conv_packed(rng, px, pw, image, K, k, stride, padding, out_precision, relu=True, residual_precision=None,
+                      config=None):
+    """apconv with the fused epilogue (affine, residual, ReLU, requantize, pack) vs reference.requantize + pack."""
+    from apnumba.conv import PackedConvWeight, apconv
+
+    N, H, W, C = image
+    x = R.random_codes(rng, image, px)
+    w = R.random_codes(rng, (K, k, k, C), pw)
+    exact = R.conv2d_int(x, w, stride, padding).astype(np.int32)
+    OH, OW = exact.shape[1:3]
+    # Scales that put the outputs across the next precision's range, ties and all.
+    spread = float(np.abs(exact).max() or 1)
+    scale = (rng.uniform(0.5, 1.5, K) * (2 ** out_precision.bits) / spread).astype(np.float32)
+    bias = rng.uniform(-1, 1, K).astype(np.float32)
+    residual = res_codes = None
+    if residual_precision is not None:
+        res_codes = R.random_codes(rng, (N * OH * OW, K), residual_precision)
+        residual = PackedTensor.from_codes(res_codes, residual_precision)
+    out = PackedTensor.empty((N * OH * OW, K), out_precision)
+    apconv(PackedTensor.from_codes(x, px), PackedConvWeight.from_codes(w, pw), stride, padding, out=out,
+           scale=scale, bias=bias, relu=relu, residual=residual, residual_scale=0.5, config=config)
+    expect = R.requantize(exact.reshape(-1, K), scale, bias, out_precision, 0, relu, res_codes, 0, 0.5)
+    got_words = out.words_host()
+    assert (got_words == R.pack(expect, out_precision)).all(), (
+        f"packed conv output differs: {np.argwhere(R.unpack(got_words, out_precision, K) != expect)[:4].tolist()}"
+    )
+    assert (out.rowsum_host() == R.row_sums(expect)).all()
+    assert out.image == (N, OH, OW)

@@ -128,12 +128,14 @@ CONV = [
 
 
 @pytest.mark.parametrize("p,q,shape", CONV, ids=[f"w{c[0]}a{c[1]}-{c[2][0]}" for c in CONV])
-@pytest.mark.parametrize("out_float", [False, True], ids=["i32", "f32"])
-def test_apconv_sm90(p, q, shape, out_float):
+@pytest.mark.parametrize("out", ["i32", "f32", "pack"])
+def test_apconv_sm90(p, q, shape, out):
     from apnumba.conv import _signature as conv_signature, conv_config
     from apnumba.kernels.apmm import apconv_kernel
 
-    cfg = conv_config(p, q, *shape)
-    c = sass.compile_kernel(apconv_kernel(p, q, cfg, out_float).py_func, conv_signature(out_float), (9, 0))
+    cfg = conv_config(p, q, *shape, packed=out == "pack")
+    c = sass.compile_kernel(apconv_kernel(p, q, cfg, out).py_func, conv_signature(out), (9, 0))
     check_clean(c, count=cfg.mma_per_step(p, q))
-    print(f"apconv w{p}a{q} {cfg.short()}: {c.registers} registers")
+    if out == "pack":
+        assert c.opcodes()["VOTE.ANY"] >= 1  # the next layer's words come from ballots
+    print(f"apconv w{p}a{q} {cfg.short()} {out}: {c.registers} registers")

@@ -14,7 +14,7 @@ from apnumba.packed import PackedTensor
 from apnumba.precision import Precision, quantize
 from apnumba.tuning import candidates, default_config
 from tests.conftest import requires_gpu
-from tests.helpers import check_apmm, check_conv, check_pack, check_tiles, precisions
+from tests.helpers import check_apmm, check_conv, check_conv_packed, check_pack, check_tiles, precisions
 
 pytestmark = requires_gpu
 
@@ -147,3 +147,35 @@ def test_apconv_every_encoding_pair(rng, p, q):
 
 def test_apconv_zero_points(rng):
     check_conv(rng, Precision.parse("u4"), Precision.parse("u3"), (2, 12, 12, 50), 48, 3, 2, 1, zx=5, zw=2)
+
+
+@pytest.mark.parametrize("out,residual", [("u2", None), ("u2", "u2"), ("b1", None), ("s4", "s3"), ("u8", "b1")])
+def test_apconv_fused_epilogue(rng, out, residual):
+    for (image, K, k, stride, padding) in [((2, 14, 14, 64), 64, 3, 1, 1), ((1, 15, 15, 40), 72, 3, 2, 1)]:
+        check_conv_packed(rng, Precision.parse("u2"), Precision.parse("b1"), image, K, k, stride, padding,
+                          Precision.parse(out), relu=out.startswith("u"),
+                          residual_precision=residual and Precision.parse(residual))
+
+
+def test_two_chained_layers(rng):
+    """pack -> conv -> fused epilogue (packed) -> conv -> float out, against the reference chain."""
+    from apnumba.conv import PackedConvWeight, apconv
+    from apnumba.reference import conv2d_int, requantize
+
+    xf = rng.standard_normal((2, 12, 12, 48)).astype(np.float32)
+    pa, pw = Precision.parse("u2"), Precision.parse("b1")
+    x = PackedTensor.from_float(xf, pa, scale=0.5)
+    w1 = R.random_codes(rng, (64, 3, 3, 48), pw)
+    w2 = R.random_codes(rng, (32, 3, 3, 64), pw)
+    s1 = rng.uniform(0.01, 0.05, 64).astype(np.float32)
+    b1 = rng.uniform(-0.5, 0.5, 64).astype(np.float32)
+    h = PackedTensor.empty((2 * 12 * 12, 64), pa)
+    apconv(x, PackedConvWeight.from_codes(w1, pw), 1, 1, out=h, scale=s1, bias=b1, relu=True)
+    s2 = rng.uniform(0.5, 1.5, 32).astype(np.float32)
+    b2 = rng.uniform(-1, 1, 32).astype(np.float32)
+    y = apconv(h, PackedConvWeight.from_codes(w2, pw), 1, 1, scale=s2, bias=b2).copy_to_host()
+
+    xq = quantize(xf.reshape(-1, 48), pa, 0.5).reshape(2, 12, 12, 48)
+    hq = requantize(conv2d_int(xq, w1, 1, 1).reshape(-1, 64), s1, b1, pa, 0, True).reshape(2, 12, 12, 64)
+    expect = conv2d_int(hq, w2, 1, 1).astype(np.int32).astype(np.float32) * s2 + b2
+    assert (y == expect).all()

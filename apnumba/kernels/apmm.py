@@ -56,7 +56,9 @@ import functools
 
 from numba import cuda, float32, int32, int64, uint32
 
+from .pack import ENC_BINARY, code_range, plane_coef, quantize_scaled
 from .ptx import (
+    ballot,
     cp_async_16,
     cp_async_commit,
     cp_async_wait,
@@ -68,6 +70,7 @@ from .ptx import (
     ldmatrix_x2,
     ldmatrix_x4,
     mma_m16n8k256_and,
+    popc32,
     st_global_cs_v4,
     st_global_v4,
     st_shared,
@@ -163,18 +166,27 @@ def apmm_kernel(p, q, config, out_float):
     return _build(p, q, config, out_float, conv=False)
 
 
+OUT_KINDS = ("i32", "f32", "pack")
+
+
 @functools.lru_cache(maxsize=None)
-def apconv_kernel(p, q, config, out_float):
+def apconv_kernel(p, q, config, out):
     """The APConv kernel: the same pipeline with B gathered from NHWC activations (an implicit GEMM).
 
     M = output channels, N = output pixels (n, oh, ow), K = R * S taps x the padded channel words.
+    out: "i32", "f32" (scale, bias), or "pack" (the fused epilogue: affine, residual, ReLU,
+    requantize and pack the next layer's NHWC input; block_m must be a multiple of 32).
     Launch: grid (ceil(N / block_n), ceil(M / block_m)), block (config.threads,),
     dynamic shared memory config.shared_bytes(p, q, conv=True).
     """
-    return _build(p, q, config, out_float, conv=True)
+    if out not in OUT_KINDS:
+        raise ValueError(f"out: expected one of {OUT_KINDS}, got {out!r}")
+    if out == "pack" and config.block_m % 32:
+        raise ValueError(f"config: packing the output needs block_m a multiple of 32, got {config.block_m}")
+    return _build(p, q, config, out, conv=True)
 
 
-def _build(p, q, config, out_float, conv):
+def _build(p, q, config, out, conv):
     PG = config.group(p)
     PASSES = config.passes(p)
     Q = q
@@ -201,8 +213,10 @@ def _build(p, q, config, out_float, conv):
     COL_BASE = TILE_BASE + (BN * TILE_LD if TILE_NM else BM * TILE_LD)
     COLUMNS = 4 if conv else 0  # valid taps x C, sum of the taps' pixel sums, ih0, iw0
     SUMS_IN_TILE = PASSES > 1 or WK > 1  # several partial sums meet in the tile
-    OUT_FLOAT = bool(out_float)
+    OUT_FLOAT = out is True or out == "f32"
+    OUT_PACK = out == "pack"
     OUT_DTYPE = float32 if OUT_FLOAT else int32
+    WORDS_PER_COLUMN = BM // 32  # packed output: words of 32 channels per output pixel in the tile
     RASTER, STREAM_OUT = config.raster, config.stream_out
     wait_for_stage = cp_async_wait(STAGES - 2)
     wait_all = cp_async_wait(0)
@@ -476,10 +490,13 @@ def _build(p, q, config, out_float, conv):
         return total
 
     def apconv(a_words, b_words, M, N, kwords, geometry, coef_w, coef_x, ex, ew, c_k,
-               sum_w, tap_sums, sum_x, scale, bias, y):
+               sum_w, tap_sums, sum_x, scale, bias, y, y_rowsum, epi, res_words, res_scale):
         """Implicit-GEMM convolution: a_words = weights (K_out x R*S*cwords), b_words = NHWC activations.
 
-        geometry: [H, W, cwords, R, S, stride, padding, OH, OW, C].  y: NHWC output, y[n * M + m].
+        geometry: [H, W, cwords, R, S, stride, padding, OH, OW, C].  y: NHWC output, y[n * M + m];
+        packed output: y = the next layer's words (bits, N, out_cwords), y_rowsum its row sums (zeroed
+        before the launch), epi = [out_bits, out_encoding, out_zero_point, relu, res_bits, res_encoding,
+        res_zero_point, out_cwords, res_cwords] (res_bits 0: no residual), res_words the residual's words.
         Corrections (reference.py, convolution): per output pixel n with Kv = valid taps x C,
             y = sum of plane pairs + ex * SWv[m, n] + ew * SXv[n] + c_k * Kv
         """
@@ -615,38 +632,92 @@ def _build(p, q, config, out_float, conv):
             st_shared(smem, COL_BASE + 3 * BN + cc, iw0)
         cuda.syncthreads()
 
-        # Epilogue step 2 along m (NHWC is channel-contiguous): corrections, then int32 or float32.
         full = R * S * C
-        vector = (M & 3) == 0
-        for idx in range(tid, BN * (BM // 4), THREADS):
-            cc = idx // (BM // 4)
-            r4 = 4 * (idx - cc * (BM // 4))
-            n = n0 + cc
-            m = m0 + r4
-            if n < N and m < M:
-                four = ld_shared_v4(smem, TILE_BASE + cc * TILE_LD + r4)
-                kv = int32(ld_shared(smem, COL_BASE + cc))
-                col_term = c_k * kv + (ew * int32(ld_shared(smem, COL_BASE + BN + cc)) if ew != 0 else 0)
-                ih0 = int32(ld_shared(smem, COL_BASE + 2 * BN + cc))
-                iw0 = int32(ld_shared(smem, COL_BASE + 3 * BN + cc))
-                out = cuda.local.array(4, OUT_DTYPE)
-                for e in range(4):
-                    v = int32(four[e]) + col_term
-                    if ex != 0 and m + e < M:
-                        v += ex * (sum_w[m + e] if kv == full else border_tap_sum(tap_sums, m + e, ih0, iw0, H, W, R, S))
-                    if OUT_FLOAT:
-                        out[e] = f32_add_rn(f32_mul_rn(float32(v), scale[min(m + e, M - 1)]), bias[min(m + e, M - 1)])
-                    else:
-                        out[e] = v
-                at = n * M + m
-                if vector and m + 3 < M:
-                    st_global_v4(y, at, out[0], out[1], out[2], out[3])
-                else:
+        if OUT_PACK:
+            # The fused epilogue, one warp per (pixel, 32 channels): affine, residual, ReLU and the next
+            # layer's quantizer on each lane's channel, then one ballot per bit plane packs the word.
+            out_bits = epi[0]
+            out_enc = epi[1]
+            out_zp = epi[2]
+            relu = epi[3]
+            res_bits = epi[4]
+            res_enc = epi[5]
+            res_zp = epi[6]
+            out_cw = epi[7]
+            res_cw = epi[8]
+            lo, hi = code_range(out_bits, out_enc)
+            for item in range(warp, BN * WORDS_PER_COLUMN, THREADS // 32):
+                cc = item // WORDS_PER_COLUMN
+                wi = item - cc * WORDS_PER_COLUMN
+                n = n0 + cc
+                if n < N:  # the same for the whole warp: the ballots stay convergent
+                    m = m0 + 32 * wi + lane
+                    pattern = int32(0)
+                    if m < M:
+                        kv = int32(ld_shared(smem, COL_BASE + cc))
+                        v = int32(ld_shared(smem, TILE_BASE + cc * TILE_LD + 32 * wi + lane)) + c_k * kv
+                        if ew != 0:
+                            v += ew * int32(ld_shared(smem, COL_BASE + BN + cc))
+                        if ex != 0:
+                            ih0 = int32(ld_shared(smem, COL_BASE + 2 * BN + cc))
+                            iw0 = int32(ld_shared(smem, COL_BASE + 3 * BN + cc))
+                            v += ex * (sum_w[m] if kv == full else border_tap_sum(tap_sums, m, ih0, iw0, H, W, R, S))
+                        t = f32_add_rn(f32_mul_rn(float32(v), scale[m]), bias[m])
+                        if res_bits > 0:
+                            rc = int32(0)
+                            for j in range(res_bits):
+                                bit = (res_words[(j * N + n) * res_cw + (m >> 5)] >> (m & 31)) & 1
+                                rc += plane_coef(j, res_bits, res_enc) * int32(bit)
+                            if res_enc == ENC_BINARY:
+                                rc -= 1
+                            t = f32_add_rn(t, f32_mul_rn(float32(rc - res_zp), res_scale))
+                        if relu != 0 and not t > 0:
+                            t = float32(0)
+                        pattern = quantize_scaled(t, out_zp, lo, hi, out_bits, out_enc)  # scale 1: folded into scale, bias
+                    word = (m0 >> 5) + wi
+                    total = int32(0)
+                    for j in range(out_bits):
+                        plane_word = ballot((pattern >> j) & 1)
+                        if lane == j:
+                            y[(j * N + n) * out_cw + word] = plane_word
+                        total += plane_coef(j, out_bits, out_enc) * popc32(plane_word)
+                    if out_enc == ENC_BINARY:
+                        total -= popc32(ballot(m < M))
+                    if lane == 0:
+                        cuda.atomic.add(y_rowsum, n, total)
+        else:
+            # Epilogue step 2 along m (NHWC is channel-contiguous): corrections, then int32 or float32.
+            vector = (M & 3) == 0
+            for idx in range(tid, BN * (BM // 4), THREADS):
+                cc = idx // (BM // 4)
+                r4 = 4 * (idx - cc * (BM // 4))
+                n = n0 + cc
+                m = m0 + r4
+                if n < N and m < M:
+                    four = ld_shared_v4(smem, TILE_BASE + cc * TILE_LD + r4)
+                    kv = int32(ld_shared(smem, COL_BASE + cc))
+                    col_term = c_k * kv + (ew * int32(ld_shared(smem, COL_BASE + BN + cc)) if ew != 0 else 0)
+                    ih0 = int32(ld_shared(smem, COL_BASE + 2 * BN + cc))
+                    iw0 = int32(ld_shared(smem, COL_BASE + 3 * BN + cc))
+                    out = cuda.local.array(4, OUT_DTYPE)
                     for e in range(4):
-                        if m + e < M:
-                            y[at + e] = out[e]
+                        v = int32(four[e]) + col_term
+                        if ex != 0 and m + e < M:
+                            v += ex * (sum_w[m + e] if kv == full else border_tap_sum(tap_sums, m + e, ih0, iw0, H, W, R, S))
+                        if OUT_FLOAT:
+                            out[e] = f32_add_rn(f32_mul_rn(float32(v), scale[min(m + e, M - 1)]), bias[min(m + e, M - 1)])
+                        else:
+                            out[e] = v
+                    at = n * M + m
+                    if vector and m + 3 < M:
+                        st_global_v4(y, at, out[0], out[1], out[2], out[3])
+                    else:
+                        for e in range(4):
+                            if m + e < M:
+                                y[at + e] = out[e]
 
     kernel = apconv if conv else apmm
-    kernel.__name__ = f"{'apconv' if conv else 'apmm'}_w{p}a{q}_{config.short()}_{'f32' if OUT_FLOAT else 'i32'}"
+    kind = "pack" if OUT_PACK else ("f32" if OUT_FLOAT else "i32")
+    kernel.__name__ = f"{'apconv' if conv else 'apmm'}_w{p}a{q}_{config.short()}_{kind}"
     kernel.__qualname__ = kernel.__name__
     return cuda.jit(kernel)

@@ -50,16 +50,24 @@ def code_range(bits, encoding):
 
 
 @cuda.jit(device=True, inline="always")
-def quantize_pattern(v, s, zero_point, lo, hi, bits, encoding):
-    """float32 value -> the bit pattern of its code (the reference quantizer, step for step)."""
+def quantize_scaled(t, zero_point, lo, hi, bits, encoding):
+    """float32 value already divided by its scale -> the bit pattern of its code (the reference quantizer)."""
     if encoding == ENC_BINARY:
-        return int32(1) if (v >= 0 or v != v) else int32(0)
-    t = f32_rint(f32_div_rn(v, s))
+        return int32(1) if (t >= 0 or t != t) else int32(0)
+    t = f32_rint(t)
     if t != t:
         t = float32(0)
     t = min(max(t, float32(lo - zero_point)), float32(hi - zero_point))
     code = int32(t) + zero_point
     return code & ((int32(1) << bits) - 1)
+
+
+@cuda.jit(device=True, inline="always")
+def quantize_pattern(v, s, zero_point, lo, hi, bits, encoding):
+    """float32 value and scale -> the bit pattern of its code (the reference quantizer, step for step).
+
+    (The sign of v / s is the sign of v for s > 0, so binary codes need no division.)"""
+    return quantize_scaled(f32_div_rn(v, s), zero_point, lo, hi, bits, encoding)
 
 
 @cuda.jit

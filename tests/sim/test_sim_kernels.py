@@ -7,7 +7,7 @@ from apnumba.kernels.apmm import TileConfig
 from apnumba.precision import Precision
 
 from tests.conftest import requires_simulator
-from tests.helpers import check_apmm, check_conv, check_pack, check_tiles
+from tests.helpers import check_apmm, check_conv, check_conv_packed, check_pack, check_tiles
 
 pytestmark = requires_simulator
 
@@ -67,3 +67,35 @@ def test_apconv_tiny(rng, px, pw, image, K, k, stride, padding, cfg, out_float):
 def test_apconv_zero_points(rng):
     check_conv(rng, Precision.parse("u3"), Precision.parse("u2"), (1, 4, 5, 9), 16, 3, 1, 1,
                TileConfig(1, 1, 1, 2, 2), zx=2, zw=1)
+
+
+@pytest.mark.parametrize("out,res", [("u2", None), ("b1", "s3"), ("s3", "u2")])
+def test_apconv_fused_epilogue(rng, out, res):
+    check_conv_packed(rng, Precision.parse("u2"), Precision.parse("b1"), (1, 4, 5, 40), 40, 3, 1, 1,
+                      Precision.parse(out), relu=out != "s3", residual_precision=res and Precision.parse(res),
+                      config=TileConfig(2, 1, 1, 1, 2))
+
+
+def test_two_chained_layers(rng):
+    """float -> pack -> conv -> fused epilogue (packed) -> conv -> float out, as the reference chain does it."""
+    import numpy as np
+
+    from apnumba import reference as R
+    from apnumba.conv import PackedConvWeight, apconv
+    from apnumba.packed import PackedTensor
+    from apnumba.precision import quantize
+
+    xf = rng.standard_normal((1, 5, 5, 40)).astype(np.float32)
+    pa, pw = Precision.parse("u2"), Precision.parse("b1")
+    w1 = R.random_codes(rng, (32, 3, 3, 40), pw)
+    w2 = R.random_codes(rng, (16, 3, 3, 32), pw)
+    s1, b1 = np.full(32, 0.05, np.float32), rng.uniform(-0.5, 0.5, 32).astype(np.float32)
+    s2, b2 = np.full(16, 0.5, np.float32), rng.uniform(-1, 1, 16).astype(np.float32)
+    h = PackedTensor.empty((25, 32), pa)
+    apconv(PackedTensor.from_float(xf, pa, scale=0.5), PackedConvWeight.from_codes(w1, pw), 1, 1, out=h,
+           scale=s1, bias=b1, relu=True, config=TileConfig(2, 1, 1, 1, 2))
+    y = apconv(h, PackedConvWeight.from_codes(w2, pw), 1, 1, scale=s2, bias=b2, config=TileConfig(1, 1, 1, 1, 2))
+    xq = quantize(xf.reshape(-1, 40), pa, 0.5).reshape(1, 5, 5, 40)
+    hq = R.requantize(R.conv2d_int(xq, w1, 1, 1).reshape(-1, 32), s1, b1, pa, 0, True).reshape(1, 5, 5, 32)
+    expect = R.conv2d_int(hq, w2, 1, 1).astype(np.int32).astype(np.float32) * s2 + b2
+    assert (y.copy_to_host() == expect).all()
