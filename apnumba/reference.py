@@ -317,3 +317,63 @@ def requantize(y, scale, bias, precision, zero_point=0, relu=False, residual=Non
         t = np.where(t > 0, t, np.float32(0))
     flat = t.reshape(-1, 1)
     return quantize(flat, precision, 1.0, zero_point).reshape(t.shape)
+
+
+# ---------------------------------------------------------------- packed-tensor operations
+
+
+def max_pool_codes(x_codes, kernel, stride, padding=0):
+    """Max pooling of NHWC codes (taps outside the image are ignored, as torch's MaxPool2d)."""
+    x = np.asarray(x_codes)
+    N, H, W, C = x.shape
+    OH, OW = conv_output_size(H, kernel, stride, padding), conv_output_size(W, kernel, stride, padding)
+    taps = conv_taps(H, W, kernel, kernel, stride, padding)  # (OH*OW, k*k)
+    flat = x.reshape(N, H * W, C).astype(np.int64)
+    vals = np.where((taps >= 0)[None, :, :, None], flat[:, np.maximum(taps, 0)], np.iinfo(np.int64).min)
+    return vals.max(axis=2).reshape(N, OH, OW, C).astype(np.int32)
+
+
+def avg_pool_codes(x_codes, kernel, stride, padding, precision, zero_point, multiplier, out_precision, out_zero_point):
+    """Average pooling of NHWC codes into ``out_precision``: padding counts as the value 0 (torch's
+    count_include_pad), and with ``multiplier = float32(scale_in / (kernel * kernel * scale_out))``::
+
+        code = quantize(float32(sum of (x - zero_point) over the window) * multiplier, out_precision, 1, out_zero_point)
+    """
+    x = np.asarray(x_codes, np.int64) - zero_point
+    N, H, W, C = x.shape
+    OH, OW = conv_output_size(H, kernel, stride, padding), conv_output_size(W, kernel, stride, padding)
+    taps = conv_taps(H, W, kernel, kernel, stride, padding)
+    flat = x.reshape(N, H * W, C)
+    sums = np.where((taps >= 0)[None, :, :, None], flat[:, np.maximum(taps, 0)], 0).sum(axis=2)
+    t = sums.astype(np.float32) * np.float32(multiplier)
+    return quantize(t.reshape(-1, 1), out_precision, 1.0, out_zero_point).reshape(N, OH, OW, C)
+
+
+def add_codes(a_codes, a_zero_point, a_multiplier, b_codes, b_zero_point, b_multiplier, out_precision,
+              out_zero_point=0, relu=False):
+    """A residual add of two code tensors into ``out_precision`` (multipliers: scale_in / scale_out, float32)::
+
+        t = float32(a - za) * ma + float32(b - zb) * mb ;  t = max(t, 0) with relu ;  code = quantize(t, out, 1, zo)
+    """
+    ta = (np.asarray(a_codes, np.int64) - a_zero_point).astype(np.float32) * np.float32(a_multiplier)
+    tb = (np.asarray(b_codes, np.int64) - b_zero_point).astype(np.float32) * np.float32(b_multiplier)
+    t = ta + tb
+    if relu:
+        t = np.where(t > 0, t, np.float32(0))
+    return quantize(t.reshape(-1, 1), out_precision, 1.0, out_zero_point).reshape(t.shape)
+
+
+def flatten_weight_columns(w, channels, height, width, precision):
+    """A fully connected weight over torch's flatten order (c, h, w) -> columns in apnumba's flatten
+    order (h, w, c), each pixel's channels padded to a whole number of 256-bit steps.
+
+    The padding columns meet activations whose bits are zero (the value 0: ops.flatten insists), so
+    their weights drop out; they hold a valid code of ``precision`` (0, or +1 for binary)."""
+    precision = Precision.parse(precision)
+    w = np.asarray(w)
+    out_features = w.shape[0]
+    cp = padded_words(channels) * WORD_BITS
+    hwc = w.reshape(out_features, channels, height, width).transpose(0, 2, 3, 1)
+    padded = np.full((out_features, height, width, cp), 1 if precision.encoding is Encoding.BINARY else 0, w.dtype)
+    padded[..., :channels] = hwc
+    return padded.reshape(out_features, height * width * cp)

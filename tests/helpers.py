@@ -140,3 +140,32 @@ def check_conv_packed(rng, px, pw, image, K, k, stride, padding, out_precision, 
     )
     assert (out.rowsum_host() == R.row_sums(expect)).all()
     assert out.image == (N, OH, OW)
+
+
+def check_pooling_and_add(rng, image, precision, zero_point=0):
+    """max/avg pooling, residual add and flatten on packed tensors vs the reference (codes, words, row sums)."""
+    from apnumba import ops
+
+    N, H, W, C = image
+    x = R.random_codes(rng, image, precision)
+    X = PackedTensor.from_codes(x, precision, scale=0.5, zero_point=zero_point)
+    for k, stride, pad in [(2, 2, 0), (3, 2, 1), (3, 1, 1)]:
+        got = ops.max_pool2d(X, k, stride, pad)
+        expect = R.max_pool_codes(x, k, stride, pad)
+        assert (got.words_host() == R.pack(expect.reshape(-1, C), precision)).all()
+        assert (got.rowsum_host() == R.row_sums(expect.reshape(-1, C))).all()
+    out_p = Precision.parse("u4") if precision.encoding.value == "binary" else precision
+    for k, stride, pad in [(2, 2, 0), (3, 1, 1), (H, 1, 0)]:
+        OH, OW = R.conv_output_size(H, k, stride, pad), R.conv_output_size(W, k, stride, pad)
+        out = PackedTensor.empty((N * OH * OW, C), out_p, scale=0.25)
+        got = ops.avg_pool2d(X, k, stride, pad, out=out)
+        expect = R.avg_pool_codes(x, k, stride, pad, precision, zero_point, np.float32(0.5 / (k * k * 0.25)), out_p, 0)
+        assert (got.words_host() == R.pack(expect.reshape(-1, C), out_p)).all()
+        assert (got.rowsum_host() == R.row_sums(expect.reshape(-1, C))).all()
+    b = R.random_codes(rng, image, Precision.parse("s3"))
+    Bt = PackedTensor.from_codes(b, "s3", scale=0.75)
+    out = PackedTensor.empty((N * H * W, C), "u3", scale=0.6)
+    ops.add(X, Bt, out, relu=True)
+    expect = R.add_codes(x, zero_point, np.float32(0.5 / 0.6), b, 0, np.float32(0.75 / 0.6), Precision.parse("u3"), 0, True)
+    assert (out.words_host() == R.pack(expect.reshape(-1, C), "u3")).all()
+    assert (out.rowsum_host() == R.row_sums(expect.reshape(-1, C))).all()

@@ -139,3 +139,16 @@ def test_apconv_sm90(p, q, shape, out):
     if out == "pack":
         assert c.opcodes()["VOTE.ANY"] >= 1  # the next layer's words come from ballots
     print(f"apconv w{p}a{q} {cfg.short()} {out}: {c.registers} registers")
+
+
+@pytest.mark.parametrize("name,sig", [
+    ("pool_kernel", "void(uint32[::1], int32[::1], int32[::1], float32, uint32[::1], int32[::1])"),
+    ("add_kernel", "void(uint32[::1], uint32[::1], int32, int32, int32, int32[::1], float32, float32, uint32[::1], int32[::1])"),
+    ("image_rowsum_kernel", "void(int32[::1], int32, int32, int32[::1])"),
+    ("requantize_kernel", "void(int32[::1], int32, int32, int32, float32[::1], float32[::1], int32[::1], uint32[::1], int32[::1])"),
+])
+def test_packed_ops(name, sig):
+    from apnumba.kernels import packed_ops
+
+    c = sass.compile_kernel(getattr(packed_ops, name).py_func, sig, (9, 0))
+    check_clean(c, bmma=None)

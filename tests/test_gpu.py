@@ -14,7 +14,9 @@ from apnumba.packed import PackedTensor
 from apnumba.precision import Precision, quantize
 from apnumba.tuning import candidates, default_config
 from tests.conftest import requires_gpu
-from tests.helpers import check_apmm, check_conv, check_conv_packed, check_pack, check_tiles, precisions
+from tests.helpers import (
+    check_apmm, check_conv, check_conv_packed, check_pack, check_pooling_and_add, check_tiles, precisions,
+)
 
 pytestmark = requires_gpu
 
@@ -179,3 +181,8 @@ def test_two_chained_layers(rng):
     hq = requantize(conv2d_int(xq, w1, 1, 1).reshape(-1, 64), s1, b1, pa, 0, True).reshape(2, 12, 12, 64)
     expect = conv2d_int(hq, w2, 1, 1).astype(np.int32).astype(np.float32) * s2 + b2
     assert (y == expect).all()
+
+
+@pytest.mark.parametrize("prec,zp", [("u2", 0), ("u4", 3), ("s3", 0), ("b1", 0), ("s8", 0)])
+def test_pooling_and_add_at_scale(rng, prec, zp):
+    check_pooling_and_add(rng, (4, 28, 27, 100), Precision.parse(prec), zp)

@@ -7,7 +7,7 @@ from apnumba.kernels.apmm import TileConfig
 from apnumba.precision import Precision
 
 from tests.conftest import requires_simulator
-from tests.helpers import check_apmm, check_conv, check_conv_packed, check_pack, check_tiles
+from tests.helpers import check_apmm, check_conv, check_conv_packed, check_pack, check_pooling_and_add, check_tiles
 
 pytestmark = requires_simulator
 
@@ -99,3 +99,41 @@ def test_two_chained_layers(rng):
     hq = R.requantize(R.conv2d_int(xq, w1, 1, 1).reshape(-1, 32), s1, b1, pa, 0, True).reshape(1, 5, 5, 32)
     expect = R.conv2d_int(hq, w2, 1, 1).astype(np.int32).astype(np.float32) * s2 + b2
     assert (y.copy_to_host() == expect).all()
+
+
+@pytest.mark.parametrize("prec,zp", [("u2", 1), ("s3", 0), ("b1", 0)])
+def test_pooling_and_add(rng, prec, zp):
+    check_pooling_and_add(rng, (1, 4, 5, 40), Precision.parse(prec), zp)
+
+
+def test_flatten_then_linear(rng):
+    """conv output -> flatten (a view) -> fully connected layer with weights in the flatten order."""
+
+    from apnumba import ops, reference as R
+    from apnumba.matmul import apmm
+    from apnumba.packed import PackedTensor
+
+    x = R.random_codes(rng, (2, 3, 3, 40), Precision.parse("u2"))
+    X = PackedTensor.from_codes(x, "u2")
+    flat = ops.flatten(X)
+    w = R.random_codes(rng, (16, 40 * 9), Precision.parse("b1"))  # torch order (c, h, w)
+    W = PackedTensor.from_codes(R.flatten_weight_columns(w, 40, 3, 3, "b1"), "b1")
+    y = apmm(W, flat, config=TileConfig(1, 1, 1, 2, 2)).copy_to_host()
+    torch_flat = x.transpose(0, 3, 1, 2).reshape(2, -1)  # NCHW flatten
+    assert (y == R.matmul_int(w, torch_flat)).all()
+
+
+def test_unfused_requantize(rng):
+    import numpy as np
+
+    from apnumba import ops, reference as R
+    from apnumba.packed import PackedTensor
+    from numba import cuda
+
+    y = rng.integers(-300, 300, (6, 40)).astype(np.int32)
+    scale = rng.uniform(0.001, 0.02, 40).astype(np.float32)
+    bias = rng.uniform(-1, 1, 40).astype(np.float32)
+    out = PackedTensor.empty((6, 40), "u2")
+    ops.requantize(cuda.to_device(y), scale, bias, out, relu=True)
+    expect = R.requantize(y, scale, bias, "u2", 0, True)
+    assert (out.words_host() == R.pack(expect, "u2")).all() and (out.rowsum_host() == R.row_sums(expect)).all()

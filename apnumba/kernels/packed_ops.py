@@ -1,0 +1,144 @@
+"""Operations on packed tensors where fusion into a product's epilogue is not possible.
+
+Pooling, residual add, and the per-image row sums a flatten needs.  One warp per output row
+(pixel); lane l takes channel 32 w + l of word w: its code is read straight off the bit planes,
+combined, quantized, and packed again by one ballot per plane.  The warp writes the row's code
+sum itself (no atomics).  Words past the channels are left alone: packed buffers are allocated
+zeroed and nothing writes their padding.
+"""
+
+from numba import cuda, float32, int32
+
+from .pack import ENC_BINARY, code_range, plane_coef, quantize_scaled
+from .ptx import ballot, divmod_u32, f32_add_rn, f32_mul_rn, popc32
+
+WARPS_PER_BLOCK = 8
+POOL_MAX, POOL_AVG = 0, 1
+
+
+@cuda.jit(device=True, inline="always")
+def code_at(words, rows, cwords, bits, encoding, row, word, lane):
+    """The code of channel 32 * word + lane of ``row`` in packed words (bits, rows, cwords)."""
+    v = int32(0)
+    for j in range(bits):
+        v += plane_coef(j, bits, encoding) * int32((words[(j * rows + row) * cwords + word] >> lane) & 1)
+    return v - 1 if encoding == ENC_BINARY else v
+
+
+@cuda.jit(device=True, inline="always")
+def encode_code(code, bits, encoding):
+    """A code's bit pattern (the planes' bits)."""
+    if encoding == ENC_BINARY:
+        return (code + 1) >> 1
+    return code & ((int32(1) << bits) - 1)
+
+
+@cuda.jit(device=True, inline="always")
+def store_word(out, rows, cwords, bits, encoding, row, word, lane, pattern, valid):
+    """Ballot each plane of the lanes' patterns into word ``word`` of ``row``; return the word's code sum."""
+    total = int32(0)
+    for j in range(bits):
+        plane_word = ballot((pattern >> j) & 1)
+        if lane == j:
+            out[(j * rows + row) * cwords + word] = plane_word
+        total += plane_coef(j, bits, encoding) * popc32(plane_word)
+    if encoding == ENC_BINARY:
+        total -= popc32(ballot(valid))
+    return total
+
+
+@cuda.jit
+def pool_kernel(x, geometry, params, multiplier, out, out_rowsum):
+    """geometry: [N, H, W, C, kernel, stride, padding, OH, OW, cwords];
+    params: [mode, bits, encoding, zero_point, out_bits, out_encoding, out_zero_point]."""
+    lane = cuda.threadIdx.x & 31
+    row = cuda.blockIdx.x * WARPS_PER_BLOCK + (cuda.threadIdx.x >> 5)
+    N, H, W, C = geometry[0], geometry[1], geometry[2], geometry[3]
+    k, stride, pad, OH, OW, cwords = geometry[4], geometry[5], geometry[6], geometry[7], geometry[8], geometry[9]
+    if row >= N * OH * OW:
+        return  # whole warps leave together
+    mode, bits, enc, zp = params[0], params[1], params[2], params[3]
+    out_bits, out_enc, out_zp = params[4], params[5], params[6]
+    lo, hi = code_range(out_bits, out_enc)
+    img, rest = divmod_u32(row, OH * OW)
+    oh, ow = divmod_u32(rest, OW)
+    rows_in = N * H * W
+    total = int32(0)
+    for word in range((C + 31) // 32):
+        valid = 32 * word + lane < C
+        best = int32(-(1 << 30))
+        acc = int32(0)
+        for r in range(k):
+            for s in range(k):
+                ih = oh * stride - pad + r
+                iw = ow * stride - pad + s
+                if ih >= 0 and ih < H and iw >= 0 and iw < W:
+                    code = code_at(x, rows_in, cwords, bits, enc, (img * H + ih) * W + iw, word, lane)
+                    best = max(best, code)
+                    acc += code - zp
+        if mode == POOL_MAX:
+            pattern = encode_code(best, out_bits, out_enc)
+        else:
+            pattern = quantize_scaled(f32_mul_rn(float32(acc), multiplier), out_zp, lo, hi, out_bits, out_enc)
+        total += store_word(out, N * OH * OW, cwords, out_bits, out_enc, row, word, lane, pattern if valid else 0, valid)
+    if lane == 0:
+        out_rowsum[row] = total
+
+
+@cuda.jit
+def add_kernel(a, b, rows, C, cwords, params, a_mult, b_mult, out, out_rowsum):
+    """params: [a_bits, a_enc, a_zp, b_bits, b_enc, b_zp, out_bits, out_enc, out_zp, relu]."""
+    lane = cuda.threadIdx.x & 31
+    row = cuda.blockIdx.x * WARPS_PER_BLOCK + (cuda.threadIdx.x >> 5)
+    if row >= rows:
+        return
+    out_bits, out_enc, out_zp, relu = params[6], params[7], params[8], params[9]
+    lo, hi = code_range(out_bits, out_enc)
+    total = int32(0)
+    for word in range((C + 31) // 32):
+        valid = 32 * word + lane < C
+        ca = code_at(a, rows, cwords, params[0], params[1], row, word, lane) - params[2]
+        cb = code_at(b, rows, cwords, params[3], params[4], row, word, lane) - params[5]
+        t = f32_add_rn(f32_mul_rn(float32(ca), a_mult), f32_mul_rn(float32(cb), b_mult))
+        if relu != 0 and not t > 0:
+            t = float32(0)
+        pattern = quantize_scaled(t, out_zp, lo, hi, out_bits, out_enc)
+        total += store_word(out, rows, cwords, out_bits, out_enc, row, word, lane, pattern if valid else 0, valid)
+    if lane == 0:
+        out_rowsum[row] = total
+
+
+@cuda.jit
+def requantize_kernel(y, rows, C, cwords, scale, bias, params, out, out_rowsum):
+    """int32 sums (rows x C, channel-contiguous) -> the next layer's packed codes, one warp per row:
+    reference.requantize without a residual.  params: [out_bits, out_enc, out_zp, relu].  The
+    unfused path: what the fused epilogue saves (bench.py conv compares the two)."""
+    lane = cuda.threadIdx.x & 31
+    row = cuda.blockIdx.x * WARPS_PER_BLOCK + (cuda.threadIdx.x >> 5)
+    if row >= rows:
+        return
+    out_bits, out_enc, out_zp, relu = params[0], params[1], params[2], params[3]
+    lo, hi = code_range(out_bits, out_enc)
+    total = int32(0)
+    for word in range((C + 31) // 32):
+        c = 32 * word + lane
+        valid = c < C
+        cc = min(c, C - 1)
+        t = f32_add_rn(f32_mul_rn(float32(y[row * C + cc]), scale[cc]), bias[cc])
+        if relu != 0 and not t > 0:
+            t = float32(0)
+        pattern = quantize_scaled(t, out_zp, lo, hi, out_bits, out_enc)
+        total += store_word(out, rows, cwords, out_bits, out_enc, row, word, lane, pattern if valid else 0, valid)
+    if lane == 0:
+        out_rowsum[row] = total
+
+
+@cuda.jit
+def image_rowsum_kernel(rowsum, pixels, images, out):
+    """out[i] = the sum of image i's pixel row sums (a flatten's row sums)."""
+    i = cuda.grid(1)
+    if i < images:
+        total = int32(0)
+        for p in range(pixels):
+            total += rowsum[i * pixels + p]
+        out[i] = total

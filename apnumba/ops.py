@@ -1,0 +1,123 @@
+"""Operations on packed NHWC tensors that a network needs between its products.
+
+Where they can, networks fuse these into the product's epilogue (``apconv(..., out=PackedTensor,
+residual=..., relu=...)``); these standalone versions cover the rest: pooling, a residual add, and
+the flatten between the last convolution and the first fully connected layer.
+"""
+
+import numpy as np
+from numba import cuda
+
+from . import reference
+from .device import require_gpu
+from .kernels import packed_ops as K
+from .packed import PackedTensor
+from .precision import Encoding
+
+
+def _image(x, name="x"):
+    if not isinstance(x, PackedTensor) or x.image is None:
+        raise TypeError(f"{name}: expected a PackedTensor of NHWC images")
+    return x.image
+
+
+def _launch(kernel, rows, stream, *args):
+    kernel[-(-rows // K.WARPS_PER_BLOCK), 32 * K.WARPS_PER_BLOCK, stream or cuda.default_stream()](*args)
+
+
+def _i32(values):
+    return cuda.to_device(np.asarray(values, np.int32))
+
+
+def max_pool2d(x, kernel_size, stride=None, padding=0, out=None, stream=0):
+    """torch.nn.MaxPool2d on packed codes (the maximum code is the maximum value: scales are positive)."""
+    require_gpu()
+    N, H, W = _image(x)
+    stride = stride or kernel_size
+    OH = reference.conv_output_size(H, kernel_size, stride, padding)
+    OW = reference.conv_output_size(W, kernel_size, stride, padding)
+    if out is None:
+        out = PackedTensor.empty((N * OH * OW, x.K), x.precision, x.scale[0], x.zero_point)
+    if out.precision != x.precision or out.zero_point != x.zero_point or out.shape != (N * OH * OW, x.K):
+        raise ValueError(f"out: max pooling keeps the precision: expected {x.precision} {(N * OH * OW, x.K)}")
+    out.image = (N, OH, OW)
+    geometry = _i32([N, H, W, x.K, kernel_size, stride, padding, OH, OW, x.kwords])
+    params = _i32([K.POOL_MAX, x.bits, x.precision.encoding.code, x.zero_point, x.bits, x.precision.encoding.code, x.zero_point])
+    _launch(K.pool_kernel, N * OH * OW, stream, x.words.reshape(x.words.size), geometry, params, np.float32(1),
+            out.words.reshape(out.words.size), out.rowsum)
+    return out
+
+
+def avg_pool2d(x, kernel_size, stride=None, padding=0, out=None, stream=0):
+    """torch.nn.AvgPool2d (count_include_pad) into ``out``'s precision and scale (default: x's).
+
+    ``code = quantize(float32(window sum of x - zx) * float32(sx / (k*k*so)), out, 1, zo)`` - reference.avg_pool_codes.
+    """
+    require_gpu()
+    N, H, W = _image(x)
+    stride = stride or kernel_size
+    OH = reference.conv_output_size(H, kernel_size, stride, padding)
+    OW = reference.conv_output_size(W, kernel_size, stride, padding)
+    if out is None:
+        if x.precision.encoding is Encoding.BINARY:
+            raise ValueError("x: the average of +-1 codes is not a +-1 code; give out= a PackedTensor of another precision")
+        out = PackedTensor.empty((N * OH * OW, x.K), x.precision, x.scale[0], x.zero_point)
+    if out.shape != (N * OH * OW, x.K):
+        raise ValueError(f"out: expected shape {(N * OH * OW, x.K)}, got {out.shape}")
+    out.image = (N, OH, OW)
+    multiplier = np.float32(float(x.scale[0]) / (kernel_size * kernel_size * float(out.scale[0])))
+    geometry = _i32([N, H, W, x.K, kernel_size, stride, padding, OH, OW, x.kwords])
+    params = _i32([K.POOL_AVG, x.bits, x.precision.encoding.code, x.zero_point, out.bits,
+                   out.precision.encoding.code, out.zero_point])
+    _launch(K.pool_kernel, N * OH * OW, stream, x.words.reshape(x.words.size), geometry, params, multiplier,
+            out.words.reshape(out.words.size), out.rowsum)
+    return out
+
+
+def add(a, b, out, relu=False, stream=0):
+    """Residual add into ``out``: ``quantize((a - za) sa / so + (b - zb) sb / so)``, ReLU if asked (reference.add_codes)."""
+    require_gpu()
+    for name, t in (("a", a), ("b", b), ("out", out)):
+        if not isinstance(t, PackedTensor) or t.shape != a.shape:
+            raise ValueError(f"{name}: expected a PackedTensor of shape {a.shape}")
+    so = float(out.scale[0])
+    params = _i32([a.bits, a.precision.encoding.code, a.zero_point, b.bits, b.precision.encoding.code, b.zero_point,
+                   out.bits, out.precision.encoding.code, out.zero_point, int(bool(relu))])
+    out.image = a.image
+    _launch(K.add_kernel, a.rows, stream, a.words.reshape(a.words.size), b.words.reshape(b.words.size), a.rows, a.K,
+            a.kwords, params, np.float32(float(a.scale[0]) / so), np.float32(float(b.scale[0]) / so),
+            out.words.reshape(out.words.size), out.rowsum)
+    return out
+
+
+def flatten(x, stream=0):
+    """NHWC images (N*H*W rows of C channels) -> N rows of H*W*Cp features, without moving a bit.
+
+    The features are in (h, w, c) order with each pixel's channels padded to Cp = 32 * cwords
+    (zero bits); a fully connected layer after it packs its weights the same way
+    (``reference.flatten_weight_columns``).  Exact for unsigned or signed activations without a
+    zero point, whose zero bits are the value 0; refused otherwise.
+    """
+    require_gpu()
+    N, H, W = _image(x)
+    if x.precision.encoding is Encoding.BINARY or x.zero_point:
+        raise ValueError("x: flatten keeps the channel padding inside the features, which is exact only when zero bits "
+                         f"mean the value 0 (unsigned or signed, no zero point); got {x.precision} zero point {x.zero_point}")
+    pixels = H * W
+    words = x.words.reshape(x.bits, N, pixels * x.kwords)
+    rowsum = cuda.device_array(N, np.int32)
+    K.image_rowsum_kernel[-(-N // 128), 128, stream or cuda.default_stream()](x.rowsum, pixels, N, rowsum)
+    return PackedTensor(words, rowsum, (N, pixels * x.kwords * 32), x.precision, x.scale[0], x.zero_point)
+
+
+def requantize(y, scale, bias, out, relu=False, stream=0):
+    """int32 sums (rows, C) on the device -> ``out`` (PackedTensor (rows, C)): reference.requantize, unfused."""
+    require_gpu()
+    rows, C = out.shape
+    if tuple(y.shape[-1:]) != (C,) or y.size != rows * C or np.dtype(y.dtype) != np.int32:
+        raise ValueError(f"y: expected int32 sums with {rows} rows of {C} channels, got {np.dtype(y.dtype).name} {tuple(y.shape)}")
+    params = _i32([out.bits, out.precision.encoding.code, out.zero_point, int(bool(relu))])
+    _launch(K.requantize_kernel, rows, stream, y.reshape(y.size), rows, C, out.kwords,
+            cuda.to_device(np.asarray(scale, np.float32)), cuda.to_device(np.asarray(bias, np.float32)), params,
+            out.words.reshape(out.words.size), out.rowsum)
+    return out
