@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """apnumba's benchmark report.
 
-    python bench.py                      every section (peak, apmm)
+    python bench.py                      every section (peak, apmm, conv)
     python bench.py apmm --quick         a section, smaller and untuned (about a minute)
     python bench.py apmm --bits w1a2 w2a2 --json out.json
 
@@ -249,6 +249,138 @@ def section_apmm(args, report):
                   "launch us: Python wall time of a prepared launch (prepare_apmm); apmm() us: the whole checked call.")
 
 
+RESNET18_CONVS = [  # (name, C, K, kernel, stride, padding, input size) - ImageNet 224, true shapes
+    ("conv1 7x7/2", 3, 64, 7, 2, 3, 224),
+    ("layer1 3x3", 64, 64, 3, 1, 1, 56),
+    ("layer2 3x3/2", 64, 128, 3, 2, 1, 56),
+    ("layer2 3x3", 128, 128, 3, 1, 1, 28),
+    ("layer2 down 1x1/2", 64, 128, 1, 2, 0, 56),
+    ("layer3 3x3/2", 128, 256, 3, 2, 1, 28),
+    ("layer3 3x3", 256, 256, 3, 1, 1, 14),
+    ("layer3 down 1x1/2", 128, 256, 1, 2, 0, 28),
+    ("layer4 3x3/2", 256, 512, 3, 2, 1, 14),
+    ("layer4 3x3", 512, 512, 3, 1, 1, 7),
+    ("layer4 down 1x1/2", 256, 512, 1, 2, 0, 14),
+]
+
+
+def _conv_case(name, p, q, N, C, K, k, stride, padding, size, torch, stream):
+    from numba import cuda
+
+    from apnumba import reference as R
+    from apnumba.conv import PackedConvWeight, prepare_apconv
+    from apnumba.graph import gpu_time_per_call
+    from apnumba.packed import PackedTensor
+    from apnumba.precision import parse_wa
+
+    rng = np.random.default_rng(p * 10 + q)
+    pw, px = parse_wa(f"w{p}a{q}")
+    x = PackedTensor.from_codes(R.random_codes(rng, (N, size, size, C), px), px)
+    w = PackedConvWeight.from_codes(R.random_codes(rng, (K, k, k, C), pw), pw)
+    OH = R.conv_output_size(size, k, stride, padding)
+    y = cuda.device_array((N, OH, OH, K), np.int32)
+    run = prepare_apconv(x, w, stride, padding, out=y, stream=stream)
+    run()
+    stream.synchronize()
+    logical = 2.0 * N * OH * OH * K * C * k * k
+    gpu_us = gpu_time_per_call(stream, run, calls=calls_for(logical * p * q / 6e15 * 1e6), replays=3)
+    row = {"case": name, "bits": f"w{p}a{q}", "batch": N, "C": C, "K": K, "kernel": k, "stride": stride,
+           "size": size, "tile": run.config.short(), "gpu_us": gpu_us,
+           "logical_tops": logical / gpu_us / 1e6, "bit_tops": logical * p * q / gpu_us / 1e6}
+    if torch is not None:
+        torch.backends.cudnn.benchmark = True
+        a = torch.randn(N, C, size, size, device="cuda", dtype=torch.float16).to(memory_format=torch.channels_last)
+        conv = torch.nn.Conv2d(C, K, k, stride, padding, bias=False).cuda().half().to(memory_format=torch.channels_last)
+        with torch.no_grad():
+            row["torch_fp16_us"] = torch_gpu_time(torch, lambda: conv(a), calls=calls_for(logical / 5e14 * 1e6))
+    return row
+
+
+def section_conv(args, report):
+    """APConv: the APNN-TC sweep, ResNet-18's convolutions, and what the fused epilogue saves."""
+    from numba import cuda
+
+    torch = torch_or_none()
+    stream = cuda.stream()
+    bits = [(1, 2), (1, 3), (1, 4), (2, 2)]
+    if args.bits:
+        from apnumba.precision import parse_wa
+
+        bits = sorted({(parse_wa(b)[0].bits, parse_wa(b)[1].bits) for b in args.bits})
+    sizes = [128, 512, 1024] if args.quick else [128, 256, 512, 1024, 2048]
+    cases = [("APNN-TC sweep", p, q, 1, c, c, 3, 1, 1, 16) for p, q in bits for c in sizes]
+    batches = args.batch or ([8] if args.quick else [8, 256])
+    res_bits = [b for b in bits if b in ((1, 2), (2, 2))] or bits[:1]
+    convs = RESNET18_CONVS[:4] if args.quick else RESNET18_CONVS
+    cases += [(f"ResNet-18 {name}", p, q, bt, c, k_, k, st, pad, size)
+              for p, q in res_bits for bt in batches for name, c, k_, k, st, pad, size in convs]
+    rows = []
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task("conv", total=len(cases))
+        for name, p, q, N, C, K, k, st, pad, size in cases:
+            progress.update(task, description=f"conv {name} w{p}a{q} batch {N}")
+            rows.append(_conv_case(name, p, q, N, C, K, k, st, pad, size, torch, stream))
+            progress.advance(task)
+    peak = report["peak_tops"]
+    for r in rows:
+        r["bit_tops_over_peak"] = r["bit_tops"] / peak
+    report["conv"] = rows
+    table = Table(title=f"APConv on {report['device']} (int32 NHWC out; weights p bits, activations q bits)")
+    cols = ["case", "bits", "batch", "C->K", "kxk/s", "input", "tile", "GPU us", "logical TOPS", "bit-TOPS", "% of peak"]
+    if torch is not None:
+        cols += ["torch fp16 us", "vs fp16"]
+    for c in cols:
+        table.add_column(c, justify="left" if c in ("case", "bits", "tile") else "right")
+    for r in rows:
+        cells = [r["case"], r["bits"], str(r["batch"]), f"{r['C']}->{r['K']}", f"{r['kernel']}/{r['stride']}",
+                 str(r["size"]), r["tile"], f"{r['gpu_us']:.2f}", f"{r['logical_tops']:,.0f}", f"{r['bit_tops']:,.0f}",
+                 f"{100 * r['bit_tops_over_peak']:.1f}%"]
+        if torch is not None:
+            cells += [f"{r['torch_fp16_us']:.2f}", f"{r['torch_fp16_us'] / r['gpu_us']:.1f}x"]
+        table.add_row(*cells)
+    console.print(table)
+    report["fusion"] = _fusion_worth(stream, batch=8 if args.quick else 256)
+
+
+def _fusion_worth(stream, batch):
+    """One ResNet-18 layer (layer3 3x3, 256->256 at 14x14, w1a2): fused epilogue vs int32 out + a requantize pass."""
+    from numba import cuda
+
+    from apnumba import ops, reference as R
+    from apnumba.conv import PackedConvWeight, prepare_apconv
+    from apnumba.graph import gpu_time_per_call
+    from apnumba.packed import PackedTensor
+
+    rng = np.random.default_rng(5)
+    N, C, K, size = batch, 256, 256, 14
+    x = PackedTensor.from_codes(R.random_codes(rng, (N, size, size, C), "u2"), "u2")
+    w = PackedConvWeight.from_codes(R.random_codes(rng, (K, 3, 3, C), "b1"), "b1")
+    scale, bias = cuda.to_device(np.full(K, 0.01, np.float32)), cuda.to_device(np.zeros(K, np.float32))
+    packed = PackedTensor.empty((N * size * size, K), "u2")
+    fused = prepare_apconv(x, w, 1, 1, out=packed, scale=scale, bias=bias, relu=True, stream=stream)
+    y = cuda.device_array((N, size, size, K), np.int32)
+    conv_only = prepare_apconv(x, w, 1, 1, out=y, stream=stream)
+
+    def unfused():
+        conv_only()
+        ops.requantize(y, scale, bias, packed, relu=True, stream=stream)
+
+    t_fused = gpu_time_per_call(stream, fused, calls=20, replays=3)
+    t_unfused = gpu_time_per_call(stream, unfused, calls=20, replays=3)
+    pixels = N * size * size
+    packed_bytes = 2 * pixels * 32 + 4 * pixels  # 2 planes x 256 channels (32 bytes) + row sums
+    out = {"layer": "ResNet-18 layer3 3x3 256->256 @14x14, w1a2", "batch": N, "fused_us": t_fused,
+           "unfused_us": t_unfused, "fused_bytes_out": packed_bytes,
+           "unfused_bytes": 4 * pixels * K * 2 + packed_bytes}  # int32 written, read back, then packed
+    table = Table(title="What the fused epilogue saves")
+    for c in ("layer", "batch", "fused us", "conv + requantize us", "bytes out fused", "bytes moved unfused"):
+        table.add_column(c)
+    table.add_row(out["layer"], str(N), f"{t_fused:.1f}", f"{t_unfused:.1f}", f"{packed_bytes / 1e6:.1f} MB",
+                  f"{out['unfused_bytes'] / 1e6:.1f} MB")
+    console.print(table)
+    return out
+
+
 def section_study(args, report):
     """Where does APMM lose to the peak?  Instruction-rate probes at the occupancies APMM runs at,
     then one shape (--shape, default w1a2 8192^3) on a grid of tile configurations."""
@@ -349,8 +481,8 @@ def cpu_demo():
     return ok
 
 
-SECTIONS = {"peak": section_peak, "apmm": section_apmm, "study": section_study}
-PLANNED = {"conv": "APConv (issue 4)", "nets": "networks (issue 5)"}
+SECTIONS = {"peak": section_peak, "apmm": section_apmm, "conv": section_conv, "study": section_study}
+PLANNED = {"nets": "networks (issue 5)"}
 
 
 def main(argv=None):
@@ -369,7 +501,7 @@ def main(argv=None):
     for s in args.sections:
         if s in PLANNED:
             console.print(f"[yellow]Section '{s}' ({PLANNED[s]}) is not implemented yet; skipping it.[/]")
-    wanted = [s for s in (args.sections or ["peak", "apmm"]) if s in SECTIONS]
+    wanted = [s for s in (args.sections or ["peak", "apmm", "conv"]) if s in SECTIONS]
 
     from apnumba.device import device_name, gpu_available
 

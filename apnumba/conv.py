@@ -85,6 +85,15 @@ def conv_config(p, q, M, N, K, packed=False):
 
 def apconv(x, w, stride=1, padding=0, *, out=None, scale=None, bias=None, relu=False, residual=None,
            residual_scale=1.0, config=None, stream=0):
+    """Convolve packed NHWC images ``x`` by ``w``; see :func:`prepare_apconv` for every argument."""
+    launch = prepare_apconv(x, w, stride, padding, out=out, scale=scale, bias=bias, relu=relu, residual=residual,
+                            residual_scale=residual_scale, config=config, stream=stream)
+    launch()
+    return launch.out
+
+
+def prepare_apconv(x, w, stride=1, padding=0, *, out=None, scale=None, bias=None, relu=False, residual=None,
+                   residual_scale=1.0, config=None, stream=0):
     """Convolve packed NHWC images ``x`` (a PackedTensor with ``image``) by ``w`` (PackedConvWeight).
 
     Output, by ``out``:
@@ -94,7 +103,8 @@ def apconv(x, w, stride=1, padding=0, *, out=None, scale=None, bias=None, relu=F
       ``t = y * scale[k] + bias[k]``, plus ``(residual - zr) * residual_scale`` (a PackedTensor of the
       output's shape), ReLU if ``relu``, then ``out``'s quantizer with scale 1 (so fold the next layer's
       scale into scale and bias) - exactly :func:`apnumba.reference.requantize`, then packed.
-    Returns ``out``.
+    Returns a launch (arguments converted once; calling it launches, and zeroes a packed output's
+    row sums first); ``.out`` is the output, ``.config`` the tile.
     """
     require_gpu()
     if not isinstance(x, PackedTensor) or x.image is None:
@@ -125,7 +135,6 @@ def apconv(x, w, stride=1, padding=0, *, out=None, scale=None, bias=None, relu=F
             epi[4:7] = [residual.bits, residual.precision.encoding.code, residual.zero_point]
             epi[8] = residual.kwords
             res_words = residual.words
-        zero_fill(out.rowsum, stream or cuda.default_stream())
         y, y_rowsum = out.words, out.rowsum
         out.image = (N, OH, OW)
     else:
@@ -143,11 +152,18 @@ def apconv(x, w, stride=1, padding=0, *, out=None, scale=None, bias=None, relu=F
     cfg = config or conv_config(p, q, M, Npix, w.kwords * 32, packed)
     dw, dx = w.precision.offset, x.precision.offset
     ew, ex = dw - w.zero_point, dx - x.zero_point
-    launcher(p, q, cfg, kind).bind(
+    bound = launcher(p, q, cfg, kind).bind(
         (-(-Npix // cfg.block_n), -(-M // cfg.block_m)), (cfg.threads,), stream,
         (w.words, x.words, M, Npix, w.kwords, _geometry((H, W, w.cwords, R, S, int(stride), int(padding), OH, OW, C)),
          _coef(w.precision), _coef(x.precision), ex, ew, ew * ex - ex * dw - ew * dx, w.rowsum, w.tap_sums, x.rowsum,
          _vector(scale, K, "scale", ones), _vector(bias, K, "bias", zeros), y, y_rowsum,
          _geometry(tuple(int(v) for v in epi)), res_words, float(residual_scale)),
-    )()
-    return out
+    )
+
+    def launch():
+        if packed:  # the epilogue adds each block's row sums atomically
+            zero_fill(out.rowsum, stream or cuda.default_stream())
+        bound()
+
+    launch.out, launch.config, launch.compiled = out, cfg, bound.compiled
+    return launch

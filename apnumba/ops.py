@@ -5,11 +5,13 @@ residual=..., relu=...)``); these standalone versions cover the rest: pooling, a
 the flatten between the last convolution and the first fully connected layer.
 """
 
+import functools
+
 import numpy as np
 from numba import cuda
 
 from . import reference
-from .device import require_gpu
+from .device import is_device_array, require_gpu
 from .kernels import packed_ops as K
 from .packed import PackedTensor
 from .precision import Encoding
@@ -25,8 +27,24 @@ def _launch(kernel, rows, stream, *args):
     kernel[-(-rows // K.WARPS_PER_BLOCK), 32 * K.WARPS_PER_BLOCK, stream or cuda.default_stream()](*args)
 
 
-def _i32(values):
+@functools.lru_cache(maxsize=None)
+def _params(values):
+    """A small int32 device array, made once per distinct value tuple (nothing is copied at launch time,
+    so the launches can be captured into a CUDA graph)."""
     return cuda.to_device(np.asarray(values, np.int32))
+
+
+def _i32(values):
+    return _params(tuple(int(v) for v in values))
+
+
+def _f32_device(v, n, name):
+    if is_device_array(v):
+        return v
+    v = np.asarray(v, np.float32)
+    if v.shape != (n,):
+        raise ValueError(f"{name}: expected {n} values, got shape {v.shape}")
+    return cuda.to_device(v)
 
 
 def max_pool2d(x, kernel_size, stride=None, padding=0, out=None, stream=0):
@@ -111,13 +129,15 @@ def flatten(x, stream=0):
 
 
 def requantize(y, scale, bias, out, relu=False, stream=0):
-    """int32 sums (rows, C) on the device -> ``out`` (PackedTensor (rows, C)): reference.requantize, unfused."""
+    """int32 sums (rows, C) on the device -> ``out`` (PackedTensor (rows, C)): reference.requantize, unfused.
+
+    Pass scale and bias as device arrays to launch without copies (inside a CUDA graph capture)."""
     require_gpu()
     rows, C = out.shape
     if tuple(y.shape[-1:]) != (C,) or y.size != rows * C or np.dtype(y.dtype) != np.int32:
         raise ValueError(f"y: expected int32 sums with {rows} rows of {C} channels, got {np.dtype(y.dtype).name} {tuple(y.shape)}")
     params = _i32([out.bits, out.precision.encoding.code, out.zero_point, int(bool(relu))])
     _launch(K.requantize_kernel, rows, stream, y.reshape(y.size), rows, C, out.kwords,
-            cuda.to_device(np.asarray(scale, np.float32)), cuda.to_device(np.asarray(bias, np.float32)), params,
+            _f32_device(scale, C, "scale"), _f32_device(bias, C, "bias"), params,
             out.words.reshape(out.words.size), out.rowsum)
     return out
