@@ -12,7 +12,7 @@ import numpy as np
 from apnumba.kernels.apmm import TileConfig
 from apnumba.precision import Precision
 from apnumba.tuning import default_config
-from tests.helpers import check_apmm, check_pack
+from tests.helpers import check_apmm, check_conv, check_conv_packed, check_pack, check_pooling_and_add
 
 
 def main():
@@ -30,6 +30,10 @@ def main():
     for pw, px, cfg in cases:
         for M, N, K in [(130, 70, 1100), (5, 3, 40)]:
             check_apmm(rng, Precision.parse(pw), Precision.parse(px), M, N, K, cfg, out_float=pw == "s2")
+    check_conv(rng, Precision.parse("b1"), Precision.parse("s2"), (2, 9, 10, 40), 48, 3, 2, 1)
+    check_conv_packed(rng, Precision.parse("u2"), Precision.parse("b1"), (1, 8, 8, 64), 64, 3, 1, 1,
+                      Precision.parse("u2"), residual_precision=Precision.parse("s3"))
+    check_pooling_and_add(rng, (2, 6, 7, 40), Precision.parse("u2"), 1)
     print("all sanitizer cases match the reference")
 
 
