@@ -47,23 +47,34 @@ def _f32_device(v, n, name):
     return cuda.to_device(v)
 
 
-def max_pool2d(x, kernel_size, stride=None, padding=0, out=None, stream=0):
-    """torch.nn.MaxPool2d on packed codes (the maximum code is the maximum value: scales are positive)."""
-    require_gpu()
+def _pool_shape(x, kernel_size, stride, padding):
     N, H, W = _image(x)
     stride = stride or kernel_size
     OH = reference.conv_output_size(H, kernel_size, stride, padding)
     OW = reference.conv_output_size(W, kernel_size, stride, padding)
+    return (N, H, W), stride, (N, OH, OW)
+
+
+def _pool(x, out, mode, kernel_size, stride, padding, out_image, multiplier, stream):
+    (N, H, W), (_, OH, OW) = x.image, out_image
+    out.image = out_image
+    geometry = _i32([N, H, W, x.K, kernel_size, stride, padding, OH, OW, x.kwords])
+    params = _i32([mode, x.bits, x.precision.encoding.code, x.zero_point, out.bits, out.precision.encoding.code,
+                   out.zero_point])
+    _launch(K.pool_kernel, N * OH * OW, stream, x.words.reshape(x.words.size), geometry, params, np.float32(multiplier),
+            out.words.reshape(out.words.size), out.rowsum)
+    return out
+
+
+def max_pool2d(x, kernel_size, stride=None, padding=0, out=None, stream=0):
+    """torch.nn.MaxPool2d on packed codes (the maximum code is the maximum value: scales are positive)."""
+    require_gpu()
+    _, stride, (N, OH, OW) = _pool_shape(x, kernel_size, stride, padding)
     if out is None:
         out = PackedTensor.empty((N * OH * OW, x.K), x.precision, x.scale[0], x.zero_point)
     if out.precision != x.precision or out.zero_point != x.zero_point or out.shape != (N * OH * OW, x.K):
         raise ValueError(f"out: max pooling keeps the precision: expected {x.precision} {(N * OH * OW, x.K)}")
-    out.image = (N, OH, OW)
-    geometry = _i32([N, H, W, x.K, kernel_size, stride, padding, OH, OW, x.kwords])
-    params = _i32([K.POOL_MAX, x.bits, x.precision.encoding.code, x.zero_point, x.bits, x.precision.encoding.code, x.zero_point])
-    _launch(K.pool_kernel, N * OH * OW, stream, x.words.reshape(x.words.size), geometry, params, np.float32(1),
-            out.words.reshape(out.words.size), out.rowsum)
-    return out
+    return _pool(x, out, K.POOL_MAX, kernel_size, stride, padding, (N, OH, OW), 1.0, stream)
 
 
 def avg_pool2d(x, kernel_size, stride=None, padding=0, out=None, stream=0):
@@ -72,24 +83,15 @@ def avg_pool2d(x, kernel_size, stride=None, padding=0, out=None, stream=0):
     ``code = quantize(float32(window sum of x - zx) * float32(sx / (k*k*so)), out, 1, zo)`` - reference.avg_pool_codes.
     """
     require_gpu()
-    N, H, W = _image(x)
-    stride = stride or kernel_size
-    OH = reference.conv_output_size(H, kernel_size, stride, padding)
-    OW = reference.conv_output_size(W, kernel_size, stride, padding)
+    _, stride, (N, OH, OW) = _pool_shape(x, kernel_size, stride, padding)
     if out is None:
         if x.precision.encoding is Encoding.BINARY:
             raise ValueError("x: the average of +-1 codes is not a +-1 code; give out= a PackedTensor of another precision")
         out = PackedTensor.empty((N * OH * OW, x.K), x.precision, x.scale[0], x.zero_point)
     if out.shape != (N * OH * OW, x.K):
         raise ValueError(f"out: expected shape {(N * OH * OW, x.K)}, got {out.shape}")
-    out.image = (N, OH, OW)
-    multiplier = np.float32(float(x.scale[0]) / (kernel_size * kernel_size * float(out.scale[0])))
-    geometry = _i32([N, H, W, x.K, kernel_size, stride, padding, OH, OW, x.kwords])
-    params = _i32([K.POOL_AVG, x.bits, x.precision.encoding.code, x.zero_point, out.bits,
-                   out.precision.encoding.code, out.zero_point])
-    _launch(K.pool_kernel, N * OH * OW, stream, x.words.reshape(x.words.size), geometry, params, multiplier,
-            out.words.reshape(out.words.size), out.rowsum)
-    return out
+    multiplier = float(x.scale[0]) / (kernel_size * kernel_size * float(out.scale[0]))
+    return _pool(x, out, K.POOL_AVG, kernel_size, stride, padding, (N, OH, OW), multiplier, stream)
 
 
 def add(a, b, out, relu=False, stream=0):

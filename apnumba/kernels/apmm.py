@@ -57,6 +57,7 @@ import functools
 from numba import cuda, float32, int32, int64, uint32
 
 from .pack import ENC_BINARY, code_range, plane_coef, quantize_scaled
+from .packed_ops import code_at
 from .ptx import (
     ballot,
     cp_async_16,
@@ -664,12 +665,7 @@ def _build(p, q, config, out, conv):
                             v += ex * (sum_w[m] if kv == full else border_tap_sum(tap_sums, m, ih0, iw0, H, W, R, S))
                         t = f32_add_rn(f32_mul_rn(float32(v), scale[m]), bias[m])
                         if res_bits > 0:
-                            rc = int32(0)
-                            for j in range(res_bits):
-                                bit = (res_words[(j * N + n) * res_cw + (m >> 5)] >> (m & 31)) & 1
-                                rc += plane_coef(j, res_bits, res_enc) * int32(bit)
-                            if res_enc == ENC_BINARY:
-                                rc -= 1
+                            rc = code_at(res_words, N, res_cw, res_bits, res_enc, n, m >> 5, m & 31)
                             t = f32_add_rn(t, f32_mul_rn(float32(rc - res_zp), res_scale))
                         if relu != 0 and not t > 0:
                             t = float32(0)
