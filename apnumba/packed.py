@@ -4,6 +4,8 @@ Weights are packed once, at load; activations are packed per call into a
 PackedTensor allocated once (``out=``), so a forward pass allocates nothing.
 """
 
+import functools
+
 import numpy as np
 from numba import cuda
 
@@ -15,6 +17,12 @@ from .precision import Precision, check_zero_point, normalize_scale
 
 def _launch_stream(stream):
     return stream if stream else cuda.default_stream()
+
+
+@functools.lru_cache(maxsize=None)
+def _cached_i32(values):
+    """A small int32 device array per distinct tuple (made once: launches stay copy-free, graph-capturable)."""
+    return cuda.to_device(np.asarray(values, np.int32))
 
 
 def _rows(codes, name):
@@ -101,6 +109,45 @@ class PackedTensor:
         out = cls.empty(x.shape, precision, scale, zero_point)
         out.image = image
         return out.pack_(x, stream=stream)
+
+    @classmethod
+    def from_patches(cls, x, kernel_size, stride=1, padding=0, precision="u8", scale=1.0, zero_point=0, layout="NCHW",
+                     out=None, stream=0):
+        """A first layer's input: quantize float images and pack every output pixel's receptive field.
+
+        Rows are the output pixels, K = kernel_size^2 * C features in (r, s, c) order, zero outside the
+        image - the layer then runs as a 1x1 convolution over these rows (``image`` is (N, OH, OW)).
+        ``x``: float32/float16, NCHW or NHWC (``layout``), host or device.  ``out``: a PackedTensor to
+        fill (allocated once by a network), else a new one.  The quantizer is reference.quantize's.
+        """
+        require_gpu()
+        x = as_device_array(x, "x", dtypes=(np.float32, np.float16), ndim=4)
+        if layout not in ("NCHW", "NHWC"):
+            raise ValueError(f"layout: expected 'NCHW' or 'NHWC', got {layout!r}")
+        if layout == "NCHW":
+            N, C, H, W = x.shape
+            strides = (C * H * W, W, 1, H * W)
+        else:
+            N, H, W, C = x.shape
+            strides = (H * W * C, W * C, C, 1)
+        k = int(kernel_size)
+        OH = reference.conv_output_size(H, k, stride, padding)
+        OW = reference.conv_output_size(W, k, stride, padding)
+        shape = (N * OH * OW, k * k * C)
+        if out is None:
+            out = cls.empty(shape, precision, scale, zero_point)
+        elif out.shape != shape:
+            raise ValueError(f"out: expected a PackedTensor of shape {shape}, got {out.shape}")
+        out.image = (N, OH, OW)
+        if not hasattr(out, "_scale_dev"):
+            out._scale_dev = cuda.to_device(out.scale[:1])
+        geometry = _cached_i32((N, H, W, C, k, k, int(stride), int(padding), OH, OW))
+        grid = -(-shape[0] // pack_kernels.WARPS_PER_BLOCK)
+        pack_kernels.pack_patches_kernel[grid, 32 * pack_kernels.WARPS_PER_BLOCK, _launch_stream(stream)](
+            x.reshape(x.size), geometry, _cached_i32(strides), out._scale_dev, out.zero_point, out.bits,
+            out.precision.encoding.code, out.words.reshape(out.words.size), out.kwords, out.rowsum,
+        )
+        return out
 
     def pack_(self, x, stream=0):
         """Quantize and pack ``x`` (float32/float16, shape (rows, K), device) into this tensor, in place."""

@@ -377,3 +377,15 @@ def flatten_weight_columns(w, channels, height, width, precision):
     padded = np.full((out_features, height, width, cp), 1 if precision.encoding is Encoding.BINARY else 0, w.dtype)
     padded[..., :channels] = hwc
     return padded.reshape(out_features, height * width * cp)
+
+
+def patches(x, R, S, stride=1, padding=0):
+    """im2col of NHWC values: (N*OH*OW, R*S*C), feature (r*S + s)*C + c, zero outside the image
+    (what a first layer packs: reference for kernels.pack.pack_patches_kernel)."""
+    x = np.asarray(x)
+    N, H, W, C = x.shape
+    OH, OW = conv_output_size(H, R, stride, padding), conv_output_size(W, S, stride, padding)
+    xp = np.zeros((N, H + 2 * padding, W + 2 * padding, C), x.dtype)
+    xp[:, padding : padding + H, padding : padding + W] = x
+    cols = [xp[:, r : r + stride * (OH - 1) + 1 : stride, s : s + stride * (OW - 1) + 1 : stride] for r in range(R) for s in range(S)]
+    return np.stack(cols, axis=3).reshape(N * OH * OW, R * S * C)

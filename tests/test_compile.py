@@ -78,6 +78,11 @@ def test_pack_kernels(cc, dtype):
         pack.unpack_rows_kernel.py_func, "void(uint32[::1], int32, int32, int32, int32, int32, int32[::1])", cc
     )
     check_clean(u, bmma=None)
+    f = sass.compile_kernel(
+        pack.pack_patches_kernel.py_func,
+        f"void({dtype}[::1], int32[::1], int32[::1], float32[::1], int32, int32, int32, uint32[::1], int32, int32[::1])", cc,
+    )
+    check_clean(f, bmma=None, calls_ok=True)
 
 
 # The specialisations the library ships by default: every (p, q) at its large-problem tile,

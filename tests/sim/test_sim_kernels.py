@@ -137,3 +137,20 @@ def test_unfused_requantize(rng):
     ops.requantize(cuda.to_device(y), scale, bias, out, relu=True)
     expect = R.requantize(y, scale, bias, "u2", 0, True)
     assert (out.words_host() == R.pack(expect, "u2")).all() and (out.rowsum_host() == R.row_sums(expect)).all()
+
+
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+def test_first_layer_patches(rng, layout):
+    """float images -> quantized receptive fields (the first layer's input), vs reference.patches + quantize."""
+    import numpy as np
+
+    from apnumba import reference as R
+    from apnumba.packed import PackedTensor
+    from apnumba.precision import quantize
+
+    x = rng.standard_normal((2, 6, 5, 3)).astype(np.float32)  # NHWC values
+    arg = x.transpose(0, 3, 1, 2).copy() if layout == "NCHW" else x
+    t = PackedTensor.from_patches(arg, 3, 2, 1, "s8", scale=0.05, layout=layout)
+    expect = quantize(R.patches(x, 3, 3, 2, 1), "s8", 0.05)
+    assert t.image == (2, 3, 3) and t.shape == (18, 27)
+    assert (t.words_host() == R.pack(expect, "s8")).all() and (t.rowsum_host() == R.row_sums(expect)).all()
