@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """apnumba's benchmark report.
 
-    python bench.py                      every section (peak, apmm, conv)
+    python bench.py                      every section (peak, apmm, conv, nets)
+    python bench.py nets --batch 8 256 --bits w1a2 w2a2
     python bench.py apmm --quick         a section, smaller and untuned (about a minute)
     python bench.py apmm --bits w1a2 w2a2 --json out.json
 
@@ -457,6 +458,143 @@ def section_study(args, report):
     report["study_tiles"] = rows
 
 
+
+# ---------------------------------------------------------------- nets
+
+
+def torch_twin(model):
+    """The same network in torch.nn (random float weights; only the shapes matter for timing)."""
+    import torch.nn as nn
+
+    from apnumba.layers import modules as L
+
+    class Block(nn.Module):
+        def __init__(self, b):
+            super().__init__()
+            c1, c2 = b.conv1, b.conv2
+            self.body = nn.Sequential(
+                nn.Conv2d(c1.in_channels, c1.out_channels, 3, c1.stride, 1, bias=False), nn.BatchNorm2d(c1.out_channels),
+                nn.ReLU(), nn.Conv2d(c2.in_channels, c2.out_channels, 3, 1, 1, bias=False), nn.BatchNorm2d(c2.out_channels))
+            self.down = nn.Identity() if b.downsample is None else nn.Sequential(
+                nn.Conv2d(c1.in_channels, c1.out_channels, 1, c1.stride, bias=False), nn.BatchNorm2d(c1.out_channels))
+
+        def forward(self, x):
+            return (self.body(x) + self.down(x)).relu()
+
+    out = []
+    for layer in model.layers:
+        if isinstance(layer, L.Conv2d):
+            out.append(nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
+                                 bias=layer.bias is not None))
+        elif isinstance(layer, L.Linear):
+            out.append(nn.Linear(layer.in_features, layer.out_channels, bias=layer.bias is not None))
+        elif isinstance(layer, L.BatchNorm2d):
+            out.append(nn.BatchNorm2d(layer.num_features))
+        elif isinstance(layer, L.ReLU):
+            out.append(nn.ReLU())
+        elif isinstance(layer, L.MaxPool2d):
+            out.append(nn.MaxPool2d(layer.kernel_size, layer.stride, layer.padding))
+        elif isinstance(layer, L.AvgPool2d):
+            out.append(nn.AvgPool2d(layer.kernel_size, layer.stride, layer.padding))
+        elif isinstance(layer, L.Flatten):
+            out.append(nn.Flatten())
+        elif isinstance(layer, L.BasicBlock):
+            out.append(Block(layer))
+        else:
+            raise TypeError(f"no torch twin for {type(layer).__name__}")
+    return nn.Sequential(*out)
+
+
+def _net_case(name, bits, N, size, args, torch, per_layer):
+    from numba import cuda
+
+    from apnumba.layers import Network
+    from apnumba.layers.models import MODELS
+
+    model = MODELS[name][0](bits, apnn_convention=args.apnn_convention)
+    net = Network(model, (N, 3, size, size))
+    x = np.random.default_rng(0).standard_normal((N, 3, size, size)).astype(np.float32)
+    net.forward(x)  # compile and warm every step
+    net.capture()
+    x_dev = cuda.to_device(x)
+    net.forward(x_dev)
+    times = []
+    for _ in range(5 if args.quick else 20):  # GPU time of one pass: events around one graph replay
+        start, stop = cuda.event(), cuda.event()
+        start.record(net.stream)
+        net._graph.replay()
+        stop.record(net.stream)
+        stop.synchronize()
+        times.append(1e3 * cuda.event_elapsed_time(start, stop))
+    gpu_us = float(np.median(times))
+    calls = 50
+    t0 = time.perf_counter()
+    for _ in range(calls):  # what Python costs per pass: the input copy and one graph launch
+        net.forward(net.input, sync=False)
+    py_us = (time.perf_counter() - t0) / calls * 1e6
+    net.stream.synchronize()
+    ops = sum(s.ops for s in net.steps)
+    row = {"model": name, "bits": bits, "batch": N, "precisions": model.precisions, "gpu_us": gpu_us,
+           "images_per_s": N / gpu_us * 1e6, "python_us_per_pass": py_us, "logical_gops": ops / 1e9,
+           "steps": len(net.steps)}
+    if per_layer:
+        row["layers"] = [{"step": n, "gpu_us": us, "logical_tops": (o / us / 1e6 if o else 0.0)}
+                         for n, us, o in net.layer_times(repeats=5)]
+    if torch is not None:
+        torch.backends.cudnn.benchmark = True
+        tm = torch_twin(model).cuda().half().eval().to(memory_format=torch.channels_last)
+        a = torch.randn(N, 3, size, size, device="cuda", dtype=torch.float16).to(memory_format=torch.channels_last)
+        with torch.no_grad():
+            row["torch_fp16_us"] = torch_gpu_time(torch, lambda: tm(a), calls=5, replays=5)
+        del tm, a
+        torch.cuda.empty_cache()
+    return row
+
+
+def section_nets(args, report):
+    """Whole networks: AlexNet, APNN-TC's VGG-variant, ResNet-18 - latency, images/s, per-layer time."""
+    from apnumba.layers.models import MODELS
+
+    torch = torch_or_none()
+    bits = args.bits or (["w1a2"] if args.quick else ["w1a2", "w2a2"])
+    batches = args.batch or ([8] if args.quick else [8, 256])
+    cases = [(name, b, N) for name in MODELS for b in bits for N in batches]
+    rows = []
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task("nets", total=len(cases))
+        for name, b, N in cases:
+            progress.update(task, description=f"{name} {b} batch {N}")
+            first = b == bits[0] and N == batches[0]
+            rows.append(_net_case(name, b, N, MODELS[name][1], args, torch, per_layer=first))
+            progress.advance(task)
+    report["nets"] = rows
+    conv = "every layer at wXaY (APNN-TC convention)" if args.apnn_convention else "first and last layers 8-bit"
+    table = Table(title=f"Networks on {report['device']} (224x224, one CUDA graph a pass; {conv})")
+    cols = ["model", "bits", "batch", "GPU us / pass", "images/s", "Python us / pass", "logical GOP"]
+    if torch is not None:
+        cols += ["torch fp16 us", "speed-up"]
+    for c in cols:
+        table.add_column(c, justify="left" if c in ("model", "bits") else "right")
+    for r in rows:
+        cells = [r["model"], r["bits"], str(r["batch"]), f"{r['gpu_us']:,.1f}", f"{r['images_per_s']:,.0f}",
+                 f"{r['python_us_per_pass']:.1f}", f"{r['logical_gops']:,.1f}"]
+        if torch is not None:
+            cells += [f"{r['torch_fp16_us']:,.1f}", f"{r['torch_fp16_us'] / r['gpu_us']:.2f}x"]
+        table.add_row(*cells)
+    console.print(table)
+    for r in rows:
+        if "layers" not in r:
+            continue
+        t = Table(title=f"{r['model']} {r['bits']} batch {r['batch']}: per step (each timed alone)")
+        for c in ("step", "GPU us", "share", "logical TOPS"):
+            t.add_column(c, justify="left" if c == "step" else "right")
+        total = sum(x["gpu_us"] for x in r["layers"]) or 1.0
+        for x in r["layers"]:
+            t.add_row(x["step"], f"{x['gpu_us']:.1f}", f"{100 * x['gpu_us'] / total:.0f}%",
+                      f"{x['logical_tops']:,.0f}" if x["logical_tops"] else "")
+        console.print(t)
+
+
 def cpu_demo():
     """No GPU: show that the emulated product equals integer arithmetic, on the numpy reference."""
     from apnumba import reference as R
@@ -481,8 +619,9 @@ def cpu_demo():
     return ok
 
 
-SECTIONS = {"peak": section_peak, "apmm": section_apmm, "conv": section_conv, "study": section_study}
-PLANNED = {"nets": "networks (issue 5)"}
+SECTIONS = {"peak": section_peak, "apmm": section_apmm, "conv": section_conv, "nets": section_nets,
+            "study": section_study}
+PLANNED = {}
 
 
 def main(argv=None):
@@ -492,6 +631,8 @@ def main(argv=None):
     parser.add_argument("--json", metavar="FILE", help="write every figure, the card, versions and the peak to FILE")
     parser.add_argument("--bits", nargs="+", metavar="wXaY", help="bit widths to run, e.g. w1a2 w2a2")
     parser.add_argument("--batch", nargs="+", type=int, metavar="B", help="batch sizes for the FC / network cases")
+    parser.add_argument("--apnn-convention", action="store_true",
+                        help="nets: quantize every layer at wXaY, first and last too (as APNN-TC measured)")
     parser.add_argument("--shape", nargs=4, metavar=("wXaY", "M", "N", "K"), help="the shape of the 'study' section")
     args = parser.parse_args(argv)
 
@@ -501,7 +642,7 @@ def main(argv=None):
     for s in args.sections:
         if s in PLANNED:
             console.print(f"[yellow]Section '{s}' ({PLANNED[s]}) is not implemented yet; skipping it.[/]")
-    wanted = [s for s in (args.sections or ["peak", "apmm", "conv"]) if s in SECTIONS]
+    wanted = [s for s in (args.sections or ["peak", "apmm", "conv", "nets"]) if s in SECTIONS]
 
     from apnumba.device import device_name, gpu_available
 

@@ -110,8 +110,10 @@ def add(a, b, out, relu=False, stream=0):
     return out
 
 
-def flatten(x, stream=0):
+def flatten(x, out=None, stream=0):
     """NHWC images (N*H*W rows of C channels) -> N rows of H*W*Cp features, without moving a bit.
+
+    ``out``: a previous flatten of the same ``x`` (a network reuses it): only its row sums are recomputed.
 
     The features are in (h, w, c) order with each pixel's channels padded to Cp = 32 * cwords
     (zero bits); a fully connected layer after it packs its weights the same way
@@ -124,10 +126,12 @@ def flatten(x, stream=0):
         raise ValueError("x: flatten keeps the channel padding inside the features, which is exact only when zero bits "
                          f"mean the value 0 (unsigned or signed, no zero point); got {x.precision} zero point {x.zero_point}")
     pixels = H * W
-    words = x.words.reshape(x.bits, N, pixels * x.kwords)
-    rowsum = cuda.device_array(N, np.int32)
-    K.image_rowsum_kernel[-(-N // 128), 128, stream or cuda.default_stream()](x.rowsum, pixels, N, rowsum)
-    return PackedTensor(words, rowsum, (N, pixels * x.kwords * 32), x.precision, x.scale[0], x.zero_point)
+    if out is None:
+        words = x.words.reshape(x.bits, N, pixels * x.kwords)
+        out = PackedTensor(words, cuda.device_array(N, np.int32), (N, pixels * x.kwords * 32), x.precision,
+                           x.scale[0], x.zero_point)
+    K.image_rowsum_kernel[-(-N // 128), 128, stream or cuda.default_stream()](x.rowsum, pixels, N, out.rowsum)
+    return out
 
 
 def requantize(y, scale, bias, out, relu=False, stream=0):

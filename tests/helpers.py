@@ -155,7 +155,7 @@ def check_pooling_and_add(rng, image, precision, zero_point=0):
         assert (got.words_host() == R.pack(expect.reshape(-1, C), precision)).all()
         assert (got.rowsum_host() == R.row_sums(expect.reshape(-1, C))).all()
     out_p = Precision.parse("u4") if precision.encoding.value == "binary" else precision
-    for k, stride, pad in [(2, 2, 0), (3, 1, 1), (H, 1, 0)]:
+    for k, stride, pad in [(2, 2, 0), (3, 1, 1), (min(H, W), 1, 0)]:  # the last: global pooling on a square image
         OH, OW = R.conv_output_size(H, k, stride, pad), R.conv_output_size(W, k, stride, pad)
         out = PackedTensor.empty((N * OH * OW, C), out_p, scale=0.25)
         got = ops.avg_pool2d(X, k, stride, pad, out=out)
@@ -169,3 +169,28 @@ def check_pooling_and_add(rng, image, precision, zero_point=0):
     expect = R.add_codes(x, zero_point, np.float32(0.5 / 0.6), b, 0, np.float32(0.75 / 0.6), Precision.parse("u3"), 0, True)
     assert (out.words_host() == R.pack(expect.reshape(-1, C), "u3")).all()
     assert (out.rowsum_host() == R.row_sums(expect.reshape(-1, C))).all()
+
+
+def check_network(rng, model, input_shape, tile=None, layout="NCHW", capture=False):
+    """A Network's logits against its numpy twin, exactly (integer pipeline, same float32 last layer);
+    each step is also checked on its own, so a failure names the first step that differs."""
+    from apnumba.layers import Network
+
+    net = Network(model, input_shape, layout=layout, tile=tile)
+    x = rng.standard_normal(input_shape).astype(np.float32)
+    logits = net.forward(x).copy_to_host()
+    results = {id(net.input): x}
+    for step in net.steps:
+        expect = step.ref(results[id(step.src)], results)
+        results[id(step.out)] = expect
+        if step.name.endswith("Flatten"):  # the GPU keeps (h, w, c) order, the twin torch's (c, h, w)
+            continue
+        got = step.out.codes().reshape(expect.shape) if isinstance(step.out, PackedTensor) else step.out.copy_to_host()
+        assert (np.asarray(got).reshape(expect.shape) == expect).all(), (
+            f"step {step.name} differs at {np.argwhere(np.asarray(got).reshape(expect.shape) != expect)[:4].tolist()}")
+    assert (logits == net.reference(x)).all()
+    if capture:
+        net.capture()
+        x2 = rng.standard_normal(input_shape).astype(np.float32)
+        assert (net.forward(x2).copy_to_host() == net.reference(x2)).all()
+    return net

@@ -56,3 +56,18 @@ def test_gpu_entry_points_refuse_early_without_a_gpu(monkeypatch, fresh_cc):
         matmul(np.zeros((2, 3), int), np.zeros((2, 3), int), "u1", "u1")
     with pytest.raises(device.NoGPUError):
         apmm(None, None)
+
+
+def test_scalar_kernel_arguments_map_to_the_driver_ctypes():
+    """Every scalar type a kernel signature uses converts to a ctypes value of the same width and kind."""
+    import ctypes
+
+    from numba import types
+
+    from apnumba.kernels.launch import scalar_ctype
+
+    expected = {types.int32: ctypes.c_int32, types.uint32: ctypes.c_uint32, types.int64: ctypes.c_int64,
+                types.float32: ctypes.c_float, types.float64: ctypes.c_double}
+    for ty, ctype in expected.items():
+        assert scalar_ctype(ty) is ctype
+        assert scalar_ctype(ty)(3).value == 3

@@ -15,7 +15,7 @@ from apnumba.precision import Precision, quantize
 from apnumba.tuning import candidates, default_config
 from tests.conftest import requires_gpu
 from tests.helpers import (
-    check_apmm, check_conv, check_conv_packed, check_pack, check_pooling_and_add, check_tiles, precisions,
+    check_apmm, check_conv, check_conv_packed, check_network, check_pack, check_pooling_and_add, check_tiles, precisions,
 )
 
 pytestmark = requires_gpu
@@ -186,3 +186,45 @@ def test_two_chained_layers(rng):
 @pytest.mark.parametrize("prec,zp", [("u2", 0), ("u4", 3), ("s3", 0), ("b1", 0), ("s8", 0)])
 def test_pooling_and_add_at_scale(rng, prec, zp):
     check_pooling_and_add(rng, (4, 28, 27, 100), Precision.parse(prec), zp)
+
+
+# ---------------------------------------------------------------- networks (issue 5)
+
+@pytest.mark.parametrize("bits", ["w1a2", "w2a2", "wb1a2"])
+@pytest.mark.parametrize("which", ["tiny_vgg", "tiny_resnet"])
+def test_toy_networks_equal_their_numpy_twin(rng, which, bits):
+    from apnumba.layers import models
+
+    size = 8 if which == "tiny_vgg" else 16
+    check_network(rng, getattr(models, which)(bits), (2, 3, size, size), capture=True)
+
+
+def test_toy_network_nhwc_input_and_apnn_convention(rng):
+    from apnumba.layers.models import tiny_resnet
+
+    check_network(rng, tiny_resnet("w2a2", apnn_convention=True), (2, 16, 16, 3), layout="NHWC")
+
+
+@pytest.mark.parametrize("bits", ["w1a2", "w2a2", "wb1a2"])
+@pytest.mark.parametrize("name", ["alexnet", "vgg", "resnet18"])
+def test_model_suite_at_batch_2(rng, name, bits):
+    from apnumba.layers.models import MODELS
+
+    build, size = MODELS[name]
+    check_network(rng, build(bits), (2, 3, size, size))
+
+
+def test_network_rejects_bad_inputs():
+    from apnumba.layers import Network
+    from apnumba.layers.models import tiny_vgg
+    from apnumba.layers.network import PlanError
+
+    net = Network(tiny_vgg("w1a2"), (2, 3, 8, 8))
+    with pytest.raises(ValueError, match="x: expected shape"):
+        net.forward(np.zeros((2, 3, 8, 9), np.float32))
+    with pytest.raises(TypeError, match="float32 or float16"):
+        net.forward(np.zeros((2, 3, 8, 8), np.int32))
+    with pytest.raises(PlanError, match="input channels"):
+        Network(tiny_vgg("w1a2"), (2, 4, 8, 8))
+    with pytest.raises(PlanError, match="GiB"):
+        Network(tiny_vgg("w1a2"), (2**20, 3, 512, 512))

@@ -56,10 +56,9 @@ import functools
 
 from numba import cuda, float32, int32, int64, uint32
 
-from .pack import ENC_BINARY, code_range, plane_coef, quantize_scaled
-from .packed_ops import code_at
+from .pack import code_range, quantize_scaled
+from .packed_ops import code_at, store_word
 from .ptx import (
-    ballot,
     cp_async_16,
     cp_async_commit,
     cp_async_wait,
@@ -71,7 +70,6 @@ from .ptx import (
     ldmatrix_x2,
     ldmatrix_x4,
     mma_m16n8k256_and,
-    popc32,
     st_global_cs_v4,
     st_global_v4,
     st_shared,
@@ -79,6 +77,7 @@ from .ptx import (
 )
 
 K_STEP_WORDS = 8  # 256 bits: one m16n8k256 k-step
+MAX_SUB_STEPS = 8  # k-steps of one warp per stage (stage_steps / warps_k), at most
 MAX_THREADS = 512
 
 
@@ -103,6 +102,8 @@ class TileConfig:
                 raise ValueError(f"{name}: expected >= 1, got {getattr(self, name)}")
         if self.steps % self.warps_k:
             raise ValueError(f"stage_steps: expected a multiple of warps_k={self.warps_k}, got {self.stage_steps}")
+        if self.steps // self.warps_k > MAX_SUB_STEPS:
+            raise ValueError(f"stage_steps: at most {MAX_SUB_STEPS} k-steps per warp group, got {self.steps // self.warps_k}")
         if self.stages < 2:
             raise ValueError(f"stages: expected >= 2, got {self.stages}")
         if self.raster < 0:
@@ -196,6 +197,7 @@ def _build(p, q, config, out, conv):
     BM, BN, THREADS = config.block_m, config.block_n, config.threads
     A_ROWS, B_ROWS = PG * BM, Q * BN  # rows of a stage (planes stacked)
     STEPS = config.steps  # k-steps per stage; warp group kg takes steps kg, kg + WK, ...
+    SUB_STEPS = STEPS // WK  # a warp's k-steps per stage
     CHUNKS = 2 * STEPS  # 16-byte chunks per row per stage
     ROW_WORDS = K_STEP_WORDS * STEPS
     STAGE_WORDS = (A_ROWS + B_ROWS) * ROW_WORDS
@@ -219,6 +221,8 @@ def _build(p, q, config, out, conv):
     OUT_DTYPE = float32 if OUT_FLOAT else int32
     WORDS_PER_COLUMN = BM // 32  # packed output: words of 32 channels per output pixel in the tile
     RASTER, STREAM_OUT = config.raster, config.stream_out
+    COLS4 = BN // 4  # 4-column groups of the output tile
+    FIXED_COLUMNS = THREADS % COLS4 == 0  # every thread keeps the same column group in the epilogue
     wait_for_stage = cp_async_wait(STAGES - 2)
     wait_all = cp_async_wait(0)
     assert config.shared_bytes(p, q, conv) == 4 * max(STAGES * STAGE_WORDS, COL_BASE + COLUMNS * BN)
@@ -250,63 +254,105 @@ def _build(p, q, config, out, conv):
         src = (int64(plane) * rows + min(row0 + row, rows - 1)) * kwords + chunk * 4
         return src, dst_base + swizzle(prow, chunk), chunk >> 1, (16 if row0 + row < rows else 0)
 
+    def copier(COPIES):
+        @cuda.jit(device=True, inline="always")
+        def copy_rows(smem, base, step0, k_steps, words, offset, src, dst, step, nbytes):
+            """Issue this thread's cp.async copies of the k-tile starting at k-step ``step0``."""
+            if step0 + STEPS <= k_steps:  # a whole k-tile (all but a ragged last one): no per-copy k test
+                for c in range(COPIES):
+                    if dst[c] >= 0:
+                        cp_async_16(smem, base + dst[c], words, offset + src[c] + step0 * K_STEP_WORDS, nbytes[c])
+            else:
+                for c in range(COPIES):
+                    if dst[c] >= 0:
+                        live = step0 + step[c] < k_steps
+                        at = offset + src[c] + step0 * K_STEP_WORDS if live else int64(0)
+                        cp_async_16(smem, base + dst[c], words, at, nbytes[c] if live else 0)
+
+        return copy_rows
+
+    copy_a, copy_b = copier(A_COPIES), copier(B_COPIES)
+
     @cuda.jit(device=True, inline="always")
     def load_stage(smem, stage, kt, k_steps, a_words, b_words, a_pass,
                    a_src, a_dst, a_step, a_bytes, b_src, b_dst, b_step, b_bytes):
         """Issue this thread's cp.async copies of k-tile ``kt`` (STEPS k-steps) into ``stage``."""
         base = stage * STAGE_WORDS
-        step0 = kt * STEPS
-        for c in range(A_COPIES):
-            if a_dst[c] >= 0:
-                live = step0 + a_step[c] < k_steps
-                src = a_pass + a_src[c] + step0 * K_STEP_WORDS if live else int64(0)
-                cp_async_16(smem, base + a_dst[c], a_words, src, a_bytes[c] if live else 0)
-        for c in range(B_COPIES):
-            if b_dst[c] >= 0:
-                live = step0 + b_step[c] < k_steps
-                src = b_src[c] + step0 * K_STEP_WORDS if live else int64(0)
-                cp_async_16(smem, base + b_dst[c], b_words, src, b_bytes[c] if live else 0)
+        copy_a(smem, base, kt * STEPS, k_steps, a_words, a_pass, a_src, a_dst, a_step, a_bytes)
+        copy_b(smem, base, kt * STEPS, k_steps, b_words, int64(0), b_src, b_dst, b_step, b_bytes)
 
     @cuda.jit(device=True, inline="always")
-    def compute_stage(smem, base, warp_k, lane, a_row, b_row, b_row_odd, acc, a_frag, b_frag):
-        """This warp's k-steps of the stage at ``base``: fragments by ldmatrix, then every plane pair's mma."""
-        for sub in range(STEPS // WK):
-            step = warp_k + sub * WK
-            a_lane = base + swizzle(a_row, 2 * step + (lane >> 4))
-            b_lane = base + swizzle(b_row, 2 * step + ((lane >> 3) & 1))
-            b_lane_odd = base + swizzle(b_row_odd, 2 * step + ((lane >> 3) & 1))
-            for j in range(PG):
-                for mt in range(MT):
-                    f = ldmatrix_x4(smem, a_lane + (j * BM + mt * 16) * ROW_WORDS)
-                    a_frag[j, mt, 0] = f[0]
-                    a_frag[j, mt, 1] = f[1]
-                    a_frag[j, mt, 2] = f[2]
-                    a_frag[j, mt, 3] = f[3]
+    def lane_row(row, lane_bit):
+        """A lane's ldmatrix row: its word offset and the chunk bits its swizzle flips (with the lane's
+        half-row bit), so the address of k-step s is one XOR and one add: ``row_at + ((2s ^ flip) << 2)``."""
+        return row * ROW_WORDS, lane_bit ^ ((row >> SW_SHIFT) & SW_MASK)
+
+    @cuda.jit(device=True, inline="always")
+    def ldmatrix_lanes(warp_m, warp_n, lane):
+        """The rows whose ldmatrix addresses this lane gives - A (plane 0, m-tile 0), a B pair (plane 0,
+        n-tiles 0 and 1), the odd B tile - as (offset, swizzle flip) pairs; the half-row bit is the
+        lane's 16-byte chunk within the k-step (lanes 16-31 for A, lanes 8-15 and 24-31 for B)."""
+        a_at, a_flip = lane_row(warp_m * 16 * MT + (lane & 7) + 8 * ((lane >> 3) & 1), lane >> 4)
+        b_at, b_flip = lane_row(A_ROWS + warp_n * 8 * NT + (lane & 7) + 8 * (lane >> 4), (lane >> 3) & 1)
+        b_odd_at, b_odd_flip = lane_row(A_ROWS + warp_n * 8 * NT + (NT - 1) * 8 + (lane & 7), (lane >> 3) & 1)
+        return a_at, a_flip, b_at, b_flip, b_odd_at, b_odd_flip
+
+    @cuda.jit(device=True, inline="always")
+    def compute_step(smem, base, step, a_at, a_flip, b_at, b_flip, b_odd_at, b_odd_flip, acc, a_frag, b_frag):
+        """One k-step of this warp: fragments by ldmatrix, then every plane pair's mma."""
+        a_lane = base + a_at + (((2 * step) ^ a_flip) << 2)
+        b_lane = base + b_at + (((2 * step) ^ b_flip) << 2)
+        b_lane_odd = base + b_odd_at + (((2 * step) ^ b_odd_flip) << 2)
+        for j in range(PG):
+            for mt in range(MT):
+                f = ldmatrix_x4(smem, a_lane + (j * BM + mt * 16) * ROW_WORDS)
+                a_frag[j, mt, 0] = f[0]
+                a_frag[j, mt, 1] = f[1]
+                a_frag[j, mt, 2] = f[2]
+                a_frag[j, mt, 3] = f[3]
+        for i in range(Q):
+            for pair in range(NT_PAIRS):
+                f = ldmatrix_x4(smem, b_lane + (i * BN + pair * 16) * ROW_WORDS)
+                b_frag[i, 2 * pair, 0] = f[0]
+                b_frag[i, 2 * pair, 1] = f[1]
+                b_frag[i, 2 * pair + 1, 0] = f[2]
+                b_frag[i, 2 * pair + 1, 1] = f[3]
+            if NT_ODD:
+                h = ldmatrix_x2(smem, b_lane_odd + i * BN * ROW_WORDS)
+                b_frag[i, NT - 1, 0] = h[0]
+                b_frag[i, NT - 1, 1] = h[1]
+        for j in range(PG):
             for i in range(Q):
-                for pair in range(NT_PAIRS):
-                    f = ldmatrix_x4(smem, b_lane + (i * BN + pair * 16) * ROW_WORDS)
-                    b_frag[i, 2 * pair, 0] = f[0]
-                    b_frag[i, 2 * pair, 1] = f[1]
-                    b_frag[i, 2 * pair + 1, 0] = f[2]
-                    b_frag[i, 2 * pair + 1, 1] = f[3]
-                if NT_ODD:
-                    h = ldmatrix_x2(smem, b_lane_odd + i * BN * ROW_WORDS)
-                    b_frag[i, NT - 1, 0] = h[0]
-                    b_frag[i, NT - 1, 1] = h[1]
-            for j in range(PG):
-                for i in range(Q):
-                    for mt in range(MT):
-                        for nt in range(NT):
-                            d = mma_m16n8k256_and(
-                                a_frag[j, mt, 0], a_frag[j, mt, 1], a_frag[j, mt, 2], a_frag[j, mt, 3],
-                                b_frag[i, nt, 0], b_frag[i, nt, 1],
-                                acc[j, i, mt, nt, 0], acc[j, i, mt, nt, 1],
-                                acc[j, i, mt, nt, 2], acc[j, i, mt, nt, 3],
-                            )
-                            acc[j, i, mt, nt, 0] = d[0]
-                            acc[j, i, mt, nt, 1] = d[1]
-                            acc[j, i, mt, nt, 2] = d[2]
-                            acc[j, i, mt, nt, 3] = d[3]
+                for mt in range(MT):
+                    for nt in range(NT):
+                        d = mma_m16n8k256_and(
+                            a_frag[j, mt, 0], a_frag[j, mt, 1], a_frag[j, mt, 2], a_frag[j, mt, 3],
+                            b_frag[i, nt, 0], b_frag[i, nt, 1],
+                            acc[j, i, mt, nt, 0], acc[j, i, mt, nt, 1],
+                            acc[j, i, mt, nt, 2], acc[j, i, mt, nt, 3],
+                        )
+                        acc[j, i, mt, nt, 0] = d[0]
+                        acc[j, i, mt, nt, 1] = d[1]
+                        acc[j, i, mt, nt, 2] = d[2]
+                        acc[j, i, mt, nt, 3] = d[3]
+
+    @cuda.jit(device=True, inline="always")
+    def compute_stage(smem, base, warp_k, lanes, acc, a_frag, b_frag):
+        """This warp's k-steps of the stage at ``base`` (k-steps warp_k, warp_k + WK, ...), unrolled: the
+        step numbers are constants, so each k-step costs its ldmatrix, its mma and three address ops."""
+        a_at, a_flip, b_at, b_flip, b_odd_at, b_odd_flip = lanes
+        k0 = 0 if WK == 1 else warp_k  # with one k-group the step numbers are compile-time constants
+        # Written out, not a loop: a loop's int64 counter and its branch cost as much as the addresses.
+        compute_step(smem, base, k0, a_at, a_flip, b_at, b_flip, b_odd_at, b_odd_flip, acc, a_frag, b_frag)
+        if SUB_STEPS > 1:
+            compute_step(smem, base, k0 + WK, a_at, a_flip, b_at, b_flip, b_odd_at, b_odd_flip, acc, a_frag, b_frag)
+        if SUB_STEPS > 2:
+            compute_step(smem, base, k0 + 2 * WK, a_at, a_flip, b_at, b_flip, b_odd_at, b_odd_flip, acc, a_frag, b_frag)
+            compute_step(smem, base, k0 + 3 * WK, a_at, a_flip, b_at, b_flip, b_odd_at, b_odd_flip, acc, a_frag, b_frag)
+        if SUB_STEPS > 4:
+            for sub in range(4, SUB_STEPS):  # 8 k-steps a stage: a loop again (code size)
+                compute_step(smem, base, k0 + sub * WK, a_at, a_flip, b_at, b_flip, b_odd_at, b_odd_flip,
+                             acc, a_frag, b_frag)
 
     @cuda.jit(device=True, inline="always")
     def fold_into_tile(smem, ps, acc, pair_coef, coef_w, coef_x, warp_m, warp_n, warp_k, lane):
@@ -399,9 +445,7 @@ def _build(p, q, config, out, conv):
                 b_dst[c] = -1
 
         # Rows whose ldmatrix addresses this lane gives: A (plane 0, m-tile 0), B pair (plane 0, n-tiles 0, 1).
-        a_row = warp_m * 16 * MT + (lane & 7) + 8 * ((lane >> 3) & 1)
-        b_row = A_ROWS + warp_n * 8 * NT + (lane & 7) + 8 * (lane >> 4)
-        b_row_odd = A_ROWS + warp_n * 8 * NT + (NT - 1) * 8 + (lane & 7)
+        lanes = ldmatrix_lanes(warp_m, warp_n, lane)
 
         acc = cuda.local.array((PG, Q, MT, NT, 4), int32)
         a_frag = cuda.local.array((PG, MT, 4), int32)
@@ -432,7 +476,7 @@ def _build(p, q, config, out, conv):
                                a_src, a_dst, a_step, a_bytes, b_src, b_dst, b_step, b_bytes)
                 cp_async_commit()
 
-                compute_stage(smem, (kt % STAGES) * STAGE_WORDS, warp_k, lane, a_row, b_row, b_row_odd, acc, a_frag, b_frag)
+                compute_stage(smem, (kt % STAGES) * STAGE_WORDS, warp_k, lanes, acc, a_frag, b_frag)
 
             # Epilogue step 1: plane pairs weighted cw_j * cx_i -> the int32 output tile in shared
             # memory.  With one pass it lies over the stages, so wait until every warp is done.
@@ -441,7 +485,48 @@ def _build(p, q, config, out, conv):
         # Epilogue step 2: walk the tile along the output's contiguous axis, four elements per
         # thread at a time (16-byte loads and stores where the row allows): binary-encoding
         # corrections, then int32 or float32 out.
-        if y_stride_n == 1:
+        if y_stride_n == 1 and FIXED_COLUMNS:
+            # Each thread keeps four adjacent columns and walks down the rows: the column terms
+            # (c_sx * SX[n]) are loaded once, each row costs one shared load, its row term and one store.
+            vector = (y_stride_m & 3) == 0
+            c = 4 * (tid % COLS4)
+            n = n0 + c
+            sx0 = c_sx * sum_x[n] if c_sx != 0 and n < N else 0
+            sx1 = c_sx * sum_x[n + 1] if c_sx != 0 and n + 1 < N else 0
+            sx2 = c_sx * sum_x[n + 2] if c_sx != 0 and n + 2 < N else 0
+            sx3 = c_sx * sum_x[n + 3] if c_sx != 0 and n + 3 < N else 0
+            if n < N:
+                for r in range(tid // COLS4, min(BM, M - m0), THREADS // COLS4):
+                    m = m0 + r
+                    four = ld_shared_v4(smem, TILE_BASE + r * TILE_LD + c)
+                    row_term = c_const + (c_sw * sum_w[m] if c_sw != 0 else 0)
+                    at = m * y_stride_m + n
+                    if OUT_FLOAT:
+                        sc = scale[m]
+                        bi = bias[m]
+                        y0 = f32_add_rn(f32_mul_rn(float32(int32(four[0]) + row_term + sx0), sc), bi)
+                        y1 = f32_add_rn(f32_mul_rn(float32(int32(four[1]) + row_term + sx1), sc), bi)
+                        y2 = f32_add_rn(f32_mul_rn(float32(int32(four[2]) + row_term + sx2), sc), bi)
+                        y3 = f32_add_rn(f32_mul_rn(float32(int32(four[3]) + row_term + sx3), sc), bi)
+                    else:
+                        y0 = int32(four[0]) + row_term + sx0
+                        y1 = int32(four[1]) + row_term + sx1
+                        y2 = int32(four[2]) + row_term + sx2
+                        y3 = int32(four[3]) + row_term + sx3
+                    if vector and n + 3 < N:
+                        if STREAM_OUT:
+                            st_global_cs_v4(y, at, y0, y1, y2, y3)
+                        else:
+                            st_global_v4(y, at, y0, y1, y2, y3)
+                    else:
+                        y[at] = y0
+                        if n + 1 < N:
+                            y[at + 1] = y1
+                        if n + 2 < N:
+                            y[at + 2] = y2
+                        if n + 3 < N:
+                            y[at + 3] = y3
+        elif y_stride_n == 1:
             vector = (y_stride_m & 3) == 0
             for idx in range(tid, BM * (BN // 4), THREADS):
                 r = idx // (BN // 4)
@@ -556,9 +641,7 @@ def _build(p, q, config, out, conv):
             b_ih0[c] = oh * stride - pad if n < N else -(1 << 24)  # rows past N never fall inside
             b_iw0[c] = ow * stride - pad
 
-        a_row = warp_m * 16 * MT + (lane & 7) + 8 * ((lane >> 3) & 1)
-        b_row = A_ROWS + warp_n * 8 * NT + (lane & 7) + 8 * (lane >> 4)
-        b_row_odd = A_ROWS + warp_n * 8 * NT + (NT - 1) * 8 + (lane & 7)
+        lanes = ldmatrix_lanes(warp_m, warp_n, lane)
         acc = cuda.local.array((PG, Q, MT, NT, 4), int32)
         a_frag = cuda.local.array((PG, MT, 4), int32)
         b_frag = cuda.local.array((Q, NT, 2), int32)
@@ -587,11 +670,7 @@ def _build(p, q, config, out, conv):
                 if kt < k_tiles:
                     base = (kt % STAGES) * STAGE_WORDS
                     step0 = kt * STEPS
-                    for c in range(A_COPIES):
-                        if a_dst[c] >= 0:
-                            live = step0 + a_step[c] < k_steps
-                            src = a_pass + a_src[c] + step0 * K_STEP_WORDS if live else int64(0)
-                            cp_async_16(smem, base + a_dst[c], a_words, src, a_bytes[c] if live else 0)
+                    copy_a(smem, base, step0, k_steps, a_words, a_pass, a_src, a_dst, a_step, a_bytes)
                     for c in range(B_COPIES):
                         if b_dst[c] >= 0:
                             ih = b_ih0[c] + tap_r
@@ -608,7 +687,7 @@ def _build(p, q, config, out, conv):
                             tap_r += 1
                 cp_async_commit()
                 if ct >= 0:
-                    compute_stage(smem, (ct % STAGES) * STAGE_WORDS, warp_k, lane, a_row, b_row, b_row_odd, acc, a_frag, b_frag)
+                    compute_stage(smem, (ct % STAGES) * STAGE_WORDS, warp_k, lanes, acc, a_frag, b_frag)
 
             fold_into_tile(smem, ps, acc, pair_coef, coef_w, coef_x, warp_m, warp_n, warp_k, lane)
 
@@ -647,40 +726,40 @@ def _build(p, q, config, out, conv):
             out_cw = epi[7]
             res_cw = epi[8]
             lo, hi = code_range(out_bits, out_enc)
-            for item in range(warp, BN * WORDS_PER_COLUMN, THREADS // 32):
-                cc = item // WORDS_PER_COLUMN
-                wi = item - cc * WORDS_PER_COLUMN
-                n = n0 + cc
-                if n < N:  # the same for the whole warp: the ballots stay convergent
-                    m = m0 + 32 * wi + lane
-                    pattern = int32(0)
-                    if m < M:
+            # Word by word (32 channels, one per lane): the lane's channel constants are loaded once,
+            # then the warps take the tile's pixels in turn and pack that word of each.
+            for wi in range(WORDS_PER_COLUMN):
+                m = m0 + 32 * wi + lane
+                valid = m < M
+                mc = min(m, M - 1)
+                ch_scale = scale[mc]
+                ch_bias = bias[mc]
+                ch_sum_w = sum_w[mc] if ex != 0 else 0
+                word = (m0 >> 5) + wi
+                for cc in range(warp, BN, THREADS // 32):
+                    n = n0 + cc
+                    if n < N:  # the same for the whole warp: the ballots stay convergent
                         kv = int32(ld_shared(smem, COL_BASE + cc))
                         v = int32(ld_shared(smem, TILE_BASE + cc * TILE_LD + 32 * wi + lane)) + c_k * kv
                         if ew != 0:
                             v += ew * int32(ld_shared(smem, COL_BASE + BN + cc))
                         if ex != 0:
-                            ih0 = int32(ld_shared(smem, COL_BASE + 2 * BN + cc))
-                            iw0 = int32(ld_shared(smem, COL_BASE + 3 * BN + cc))
-                            v += ex * (sum_w[m] if kv == full else border_tap_sum(tap_sums, m, ih0, iw0, H, W, R, S))
-                        t = f32_add_rn(f32_mul_rn(float32(v), scale[m]), bias[m])
+                            if kv == full:
+                                v += ex * ch_sum_w
+                            else:
+                                ih0 = int32(ld_shared(smem, COL_BASE + 2 * BN + cc))
+                                iw0 = int32(ld_shared(smem, COL_BASE + 3 * BN + cc))
+                                v += ex * border_tap_sum(tap_sums, mc, ih0, iw0, H, W, R, S)
+                        t = f32_add_rn(f32_mul_rn(float32(v), ch_scale), ch_bias)
                         if res_bits > 0:
-                            rc = code_at(res_words, N, res_cw, res_bits, res_enc, n, m >> 5, m & 31)
+                            rc = code_at(res_words, N, res_cw, res_bits, res_enc, n, word, lane)
                             t = f32_add_rn(t, f32_mul_rn(float32(rc - res_zp), res_scale))
                         if relu != 0 and not t > 0:
                             t = float32(0)
-                        pattern = quantize_scaled(t, out_zp, lo, hi, out_bits, out_enc)  # scale 1: folded into scale, bias
-                    word = (m0 >> 5) + wi
-                    total = int32(0)
-                    for j in range(out_bits):
-                        plane_word = ballot((pattern >> j) & 1)
-                        if lane == j:
-                            y[(j * N + n) * out_cw + word] = plane_word
-                        total += plane_coef(j, out_bits, out_enc) * popc32(plane_word)
-                    if out_enc == ENC_BINARY:
-                        total -= popc32(ballot(m < M))
-                    if lane == 0:
-                        cuda.atomic.add(y_rowsum, n, total)
+                        pattern = quantize_scaled(t, out_zp, lo, hi, out_bits, out_enc) if valid else 0  # scale 1: folded
+                        total = store_word(y, N, out_cw, out_bits, out_enc, n, word, lane, pattern, valid)
+                        if lane == 0:
+                            cuda.atomic.add(y_rowsum, n, total)
         else:
             # Epilogue step 2 along m (NHWC is channel-contiguous): corrections, then int32 or float32.
             vector = (M & 3) == 0

@@ -54,6 +54,11 @@ class CompiledKernel:
         self.bind(grid, block, stream, args)()
 
 
+def scalar_ctype(ty):
+    """The ctypes type the driver expects for a numba scalar kernel argument (int32 -> c_int32, float32 -> c_float)."""
+    return np.ctypeslib.as_ctypes_type(np.dtype(str(ty)))
+
+
 class BoundLaunch:
     def __init__(self, compiled, grid, block, stream, args):
         self.compiled = compiled
@@ -74,7 +79,7 @@ class BoundLaunch:
                     raise TypeError(f"kernel argument: expected {ty.dtype} array, got {value.dtype}")
                 kernelargs += [0, 0, n, itemsize, value.device_ctypes_pointer.value or 0, n, itemsize]
             else:
-                kernelargs.append(getattr(__import__("ctypes"), f"c_{ty}")(value))
+                kernelargs.append(scalar_ctype(ty)(value))
         self._keepalive = list(args)  # the buffers must outlive every launch of this binding
         self._launch = launch
         self._stream = _to_core_stream(stream or cuda.default_stream())

@@ -1,0 +1,359 @@
+"""Network: plan a Sequential once, then run forward passes with no allocation and no host sync.
+
+Planning walks the layers and turns them into steps, each one launch (or a view):
+
+    first Conv2d      quantize + pack the float input's receptive fields, then a 1x1 convolution
+    Conv2d / Linear   one apconv; a following BatchNorm2d, ReLU, the block's residual and the next
+                      layer's quantizer are folded into its epilogue; the last layer writes float32
+    BasicBlock        conv1 (+BN, ReLU) ; [downsample conv (+BN)] ; conv2 (+BN, + shortcut, ReLU)
+    MaxPool2d / AvgPool2d / Flatten    the packed-tensor ops (Flatten is a view)
+
+Every step also has its numpy twin built from the same float32 epilogue constants, so
+:meth:`Network.reference` computes the logits the GPU must produce, bit for bit (integer pipeline)
+and exactly (the float32 last layer: the same two roundings).  :meth:`Network.capture` records the
+whole forward pass as one CUDA graph: a pass then costs one launch of Python.
+"""
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from numba import cuda
+
+from .. import ops, reference
+from ..conv import PackedConvWeight, prepare_apconv
+from ..device import is_device_array, require_gpu
+from ..graph import CudaGraph
+from ..packed import PackedTensor
+from ..precision import quantize
+from .modules import Act, AvgPool2d, BasicBlock, BatchNorm2d, Conv2d, Flatten, Linear, MaxPool2d, ReLU, Sequential
+
+
+@dataclass
+class Step:
+    name: str
+    run: object  # () -> None: launches on the network's stream
+    ref: object  # (input codes, results so far) -> output codes, in numpy
+    src: object  # the tensor the step reads (results are keyed by tensor identity)
+    out: object  # the tensor it writes
+    ops: float = 0.0  # logical ops (2 * MACs) of a product
+    extra: dict = field(default_factory=dict)
+
+
+class PlanError(ValueError):
+    """The model cannot be planned for this input (layers that do not chain, unsupported order, memory)."""
+
+
+class Network:
+    """Plan ``model`` (a Sequential) for input batches of ``input_shape`` = (N, C, H, W) (or (N, H, W, C)
+    with layout "NHWC"), quantized as ``input_act`` (default: 8-bit signed, scale 4/127).  ``tile`` forces one
+    TileConfig on every product (tests, studies); by default each layer takes the cost model's."""
+
+    def __init__(self, model, input_shape, layout="NCHW", input_act=None, stream=None, tile=None):
+        require_gpu()
+        if not isinstance(model, Sequential):
+            raise TypeError(f"model: expected a Sequential, got {type(model).__name__}")
+        if layout not in ("NCHW", "NHWC"):
+            raise ValueError(f"layout: expected 'NCHW' or 'NHWC', got {layout!r}")
+        if len(input_shape) != 4 or min(input_shape) < 1:
+            raise ValueError(f"input_shape: expected 4 positive sizes, got {input_shape}")
+        self.model, self.layout = model, layout
+        self.input_shape = tuple(int(v) for v in input_shape)
+        self.input_act = input_act or Act("s8", 4.0 / 127)
+        self.stream = stream or cuda.stream()
+        self.tile = tile
+        self.steps = []
+        self._check_memory()
+        self.input = cuda.device_array(self.input_shape, np.float32)
+        self._plan()
+        self._graph = None
+
+    # ---------------------------------------------------------------- planning
+
+    def _check_memory(self):
+        """Refuse early when the buffers could not fit (a rough upper bound: int32 per activation element)."""
+        free, _ = cuda.current_context().get_memory_info()
+        N = self.input_shape[0]
+        C, H, W = (self.input_shape[1:] if self.layout == "NCHW" else (self.input_shape[3], *self.input_shape[1:3]))
+        need = 4 * N * C * H * W
+        for m in self.model.modules():
+            if isinstance(m, (Conv2d, Linear)):
+                need += 4 * m.weight.size // 8 * m.weight_precision.bits + 64 * m.out_channels
+        if need > free:
+            raise PlanError(f"the plan needs about {need / 2**30:.1f} GiB of GPU memory, {free / 2**30:.1f} GiB free")
+
+    def _plan(self):
+        layers = self.model.layers
+        if not layers or not isinstance(layers[0], Conv2d):
+            raise PlanError("model: the first layer must be a Conv2d (its input is packed as receptive fields)")
+        C = self.input_shape[1] if self.layout == "NCHW" else self.input_shape[3]
+        if layers[0].in_channels != C:
+            raise PlanError(f"layer 0 (Conv2d): expects {layers[0].in_channels} input channels, the input has {C}")
+        self.cur = None  # (PackedTensor, Act) flowing between steps
+        self.flatten_chw = None
+        i = 0
+        while i < len(layers):
+            layer = layers[i]
+            last = i == len(layers) - 1
+            if isinstance(layer, (Conv2d, Linear)):
+                name = f"{i}:{type(layer).__name__}"
+                bn = layers[i + 1] if i + 1 < len(layers) and isinstance(layers[i + 1], BatchNorm2d) else None
+                j = i + 1 + (bn is not None)
+                relu = j < len(layers) and isinstance(layers[j], ReLU)
+                i = j + relu
+                self._product(layer, bn, relu, i >= len(layers), name)
+                continue
+            if isinstance(layer, BasicBlock):
+                self._block(layer, f"{i}:BasicBlock", last)
+            elif isinstance(layer, MaxPool2d):
+                self._pool(layer, f"{i}:MaxPool2d")
+            elif isinstance(layer, AvgPool2d):
+                self._pool(layer, f"{i}:AvgPool2d")
+            elif isinstance(layer, Flatten):
+                self._flatten(f"{i}:Flatten")
+            else:
+                raise PlanError(f"layer {i} ({type(layer).__name__}): only allowed right after a Conv2d / Linear "
+                                "(BatchNorm2d, then ReLU) - it is folded into that layer's epilogue")
+            i += 1
+        if isinstance(self.cur, tuple):
+            raise PlanError("model: the last layer must be a Conv2d or Linear (it writes the float32 logits)")
+        self.logits = self.cur
+
+    def _epilogue(self, layer, bn, in_act, out_act, residual_act=None):
+        """float32 (scale, bias[, residual scale]) of a product's epilogue, folded in float64 once."""
+        a = layer.weight_scale * in_act.scale
+        b = layer.bias if layer.bias is not None else np.zeros(layer.out_channels)
+        if bn is not None:
+            g, h = bn.fold()
+            a, b = g * a, g * b + h
+        if out_act is None:
+            return a.astype(np.float32), b.astype(np.float32), None
+        res = None if residual_act is None else np.float32(residual_act.scale / out_act.scale)
+        return (a / out_act.scale).astype(np.float32), (b / out_act.scale).astype(np.float32), res
+
+    def _product(self, layer, bn, relu, final, name, residual=None):
+        """One Conv2d / Linear with its folded epilogue; returns the output (PackedTensor, Act)."""
+        N = self.input_shape[0]
+        first = self.cur is None
+        if isinstance(layer, Linear):
+            if self.cur is None or self.cur[0].image is None:
+                raise PlanError(f"{name}: a Linear needs a flattened input (Flatten first)")
+            x, act = self.cur
+            features = x.K
+            w_codes = layer.weight
+            if self.flatten_chw is not None:  # the first Linear after Flatten: apnumba's (h, w, c-padded) order
+                C, H, W = self.flatten_chw
+                if layer.in_features != C * H * W:
+                    raise PlanError(f"{name}: expects {layer.in_features} features, the flattened input has {C * H * W}")
+                w_codes = reference.flatten_weight_columns(w_codes, C, H, W, layer.weight_precision)
+                self.flatten_chw = None
+            elif layer.in_features != features:
+                raise PlanError(f"{name}: expects {layer.in_features} features, the input has {features}")
+            weight = PackedConvWeight.from_codes(w_codes.reshape(layer.out_channels, 1, 1, -1), layer.weight_precision)
+            ref_codes = layer.weight.reshape(layer.out_channels, 1, 1, -1)  # the reference flattens in torch's order
+            stride, padding = 1, 0
+            macs = N * layer.out_channels * layer.in_features
+        else:
+            if first:
+                x = PackedTensor.from_patches(self.input, layer.kernel_size, layer.stride, layer.padding,
+                                              self.input_act.precision, self.input_act.scale, self.input_act.zero_point,
+                                              self.layout)
+                act = self.input_act
+                self.steps.append(Step(f"{name} (input pack)", lambda: PackedTensor.from_patches(
+                    self.input, layer.kernel_size, layer.stride, layer.padding, out=x, layout=self.layout,
+                    stream=self.stream), self._ref_patches(layer), self.input, x))
+                w_codes = layer.weight.reshape(layer.out_channels, 1, 1, -1)  # (r, s, c) order = the patches'
+                stride, padding = 1, 0
+            else:
+                x, act = self.cur
+                if x.K != layer.in_channels:
+                    raise PlanError(f"{name}: expects {layer.in_channels} input channels, the input has {x.K}")
+                w_codes, stride, padding = layer.weight, layer.stride, layer.padding
+            weight = PackedConvWeight.from_codes(w_codes, layer.weight_precision)
+            ref_codes = w_codes
+            k = weight.shape[1]
+            OH = reference.conv_output_size(x.image[1], k, stride, padding)
+            OW = reference.conv_output_size(x.image[2], k, stride, padding)
+            macs = N * OH * OW * layer.out_channels * weight.shape[3] * k * k
+        out_act = None if final else layer.out_act
+        if out_act is None and not final:
+            raise PlanError(f"{name}: needs out_act (how its output is quantized) unless it is the last layer")
+        res_x, res_act = residual if residual is not None else (None, None)
+        scale, bias, res_scale = self._epilogue(layer, bn, act, out_act, res_act)
+        if final:
+            launch = prepare_apconv(x, weight, stride, padding, scale=scale, bias=bias, stream=self.stream,
+                                    config=self.tile)
+            out = launch.out
+        else:
+            OH = reference.conv_output_size(x.image[1], weight.shape[1], stride, padding)
+            OW = reference.conv_output_size(x.image[2], weight.shape[1], stride, padding)
+            out = PackedTensor.empty((N * OH * OW, layer.out_channels), out_act.precision, out_act.scale,
+                                     out_act.zero_point)
+            launch = prepare_apconv(x, weight, stride, padding, out=out, scale=scale, bias=bias, relu=relu,
+                                    residual=res_x, residual_scale=float(res_scale or 1.0), stream=self.stream,
+                                    config=self.tile)
+        ref = self._ref_product(ref_codes, stride, padding, act, scale, bias, relu, out_act, residual, res_scale, final)
+        self.steps.append(Step(name, launch, ref, x, out, 2.0 * macs, {"tile": launch.config.short()}))
+        self.cur = out if final else (out, out_act)
+        return self.cur
+
+    def _block(self, block, name, final):
+        if final:
+            raise PlanError(f"{name}: a BasicBlock cannot be the last layer")
+        x, act = self.cur
+        identity = (x, act)
+        h = self._product(block.conv1, block.bn1, True, False, f"{name}.conv1")
+        if block.downsample is not None:
+            self.cur = identity
+            conv, bn = block.downsample.layers
+            shortcut = self._product(conv, bn, False, False, f"{name}.downsample")
+        else:
+            shortcut = identity
+        self.cur = h
+        self._product(block.conv2, block.bn2, True, False, f"{name}.conv2", residual=shortcut)
+
+    def _pool(self, layer, name):
+        x, act = self.cur
+        if isinstance(layer, MaxPool2d):
+            out = ops.max_pool2d(x, layer.kernel_size, layer.stride, layer.padding, stream=self.stream)
+            out_act = act
+
+            def run():
+                ops.max_pool2d(x, layer.kernel_size, layer.stride, layer.padding, out=out, stream=self.stream)
+
+            def ref(codes, results):
+                return reference.max_pool_codes(codes, layer.kernel_size, layer.stride, layer.padding)
+        else:
+            out_act = layer.out_act or act
+            N = x.image[0]
+            OH = reference.conv_output_size(x.image[1], layer.kernel_size, layer.stride, layer.padding)
+            OW = reference.conv_output_size(x.image[2], layer.kernel_size, layer.stride, layer.padding)
+            out = PackedTensor.empty((N * OH * OW, x.K), out_act.precision, out_act.scale, out_act.zero_point)
+
+            def run():
+                ops.avg_pool2d(x, layer.kernel_size, layer.stride, layer.padding, out=out, stream=self.stream)
+
+            multiplier = np.float32(act.scale / (layer.kernel_size ** 2 * out_act.scale))
+
+            def ref(codes, results):
+                return reference.avg_pool_codes(codes, layer.kernel_size, layer.stride, layer.padding, act.precision,
+                                                act.zero_point, multiplier, out_act.precision, out_act.zero_point)
+        run()
+        self.steps.append(Step(name, run, ref, x, out))
+        self.cur = (out, out_act)
+
+    def _flatten(self, name):
+        x, act = self.cur
+        N, H, W = x.image
+        self.flatten_chw = (x.K, H, W)
+        flat = ops.flatten(x, stream=self.stream)  # a view of x's words; its row sums are recomputed per pass
+        flat.image = (N, 1, 1)
+
+        def run():
+            ops.flatten(x, out=flat, stream=self.stream)
+
+        def ref(codes, results):
+            return codes.transpose(0, 3, 1, 2).reshape(codes.shape[0], 1, 1, -1)  # torch's (c, h, w) order
+
+        self.steps.append(Step(name, run, ref, x, flat))
+        self.cur = (flat, act)
+
+    # ---------------------------------------------------------------- the numpy twins
+
+    def _ref_patches(self, layer):
+        def ref(x, results):
+            nhwc = x.transpose(0, 2, 3, 1) if self.layout == "NCHW" else x
+            p = reference.patches(np.asarray(nhwc, np.float32), layer.kernel_size, layer.kernel_size, layer.stride,
+                                  layer.padding)
+            N = nhwc.shape[0]
+            OH = reference.conv_output_size(nhwc.shape[1], layer.kernel_size, layer.stride, layer.padding)
+            OW = reference.conv_output_size(nhwc.shape[2], layer.kernel_size, layer.stride, layer.padding)
+            codes = quantize(p, self.input_act.precision, self.input_act.scale, self.input_act.zero_point)
+            return codes.reshape(N, OH, OW, -1)
+
+        return ref
+
+    def _ref_product(self, w_codes, stride, padding, act, scale, bias, relu, out_act, residual, res_scale, final):
+        residual_step = None if residual is None else residual[0]
+
+        def ref(codes, results):
+            y = reference.conv2d_int(codes, w_codes, stride, padding, act.zero_point, 0)
+            K = w_codes.shape[0]
+            if final:
+                return y.astype(np.int32).astype(np.float32) * scale + bias
+            res = None
+            res_zp = 0
+            if residual_step is not None:
+                res = results[id(residual_step)].reshape(-1, K)
+                res_zp = residual[1].zero_point
+            q = reference.requantize(y.reshape(-1, K), scale, bias, out_act.precision, out_act.zero_point, relu, res,
+                                     res_zp, res_scale if res_scale is not None else 1.0)
+            return q.reshape(y.shape)
+
+        return ref
+
+    # ---------------------------------------------------------------- running
+
+    def _feed(self, x):
+        if x is self.input:
+            return
+        if tuple(x.shape) != self.input_shape:
+            raise ValueError(f"x: expected shape {self.input_shape} ({self.layout}), got {tuple(x.shape)}")
+        if np.dtype(x.dtype) not in (np.dtype(np.float32), np.dtype(np.float16)):
+            raise TypeError(f"x: expected float32 or float16, got {np.dtype(x.dtype).name}")
+        if is_device_array(x):
+            if np.dtype(x.dtype) != np.float32:
+                raise TypeError("x: a device input must be float32 (or copy it into network.input yourself)")
+            self.input.copy_to_device(x, stream=self.stream)
+        else:
+            self.input.copy_to_device(np.ascontiguousarray(x, np.float32), stream=self.stream)
+
+    def forward(self, x, sync=True):
+        """Logits (N, classes) as a float32 device array (the same buffer every pass)."""
+        self._feed(x)
+        if self._graph is not None:
+            self._graph.replay()
+        else:
+            for step in self.steps:
+                step.run()
+        if sync:
+            self.stream.synchronize()
+        return self.logits.reshape(self.input_shape[0], -1)
+
+    __call__ = forward
+
+    def capture(self):
+        """Record one forward pass (without the input copy) as a CUDA graph; later passes replay it."""
+        for step in self.steps:  # warm: everything compiled and allocated before the capture
+            step.run()
+        self.stream.synchronize()
+        with CudaGraph(self.stream) as graph:
+            for step in self.steps:
+                step.run()
+        self._graph = graph
+        return self
+
+    def layer_times(self, repeats=10):
+        """Median GPU microseconds of each step (event-timed, one step at a time)."""
+        out = []
+        for step in self.steps:
+            times = []
+            for _ in range(repeats):
+                start, stop = cuda.event(), cuda.event()
+                start.record(self.stream)
+                step.run()
+                stop.record(self.stream)
+                stop.synchronize()
+                times.append(1e3 * cuda.event_elapsed_time(start, stop))
+            out.append((step.name, float(np.median(times)), step.ops))
+        return out
+
+    def reference(self, x):
+        """The logits the GPU must produce, from numpy (same codes, same float32 epilogue constants)."""
+        results = {id(self.input): np.asarray(x, np.float32)}
+        for step in self.steps:
+            results[id(step.out)] = step.ref(results[id(step.src)], results)
+        return results[id(self.logits)].reshape(self.input_shape[0], -1)
+
+    def describe(self):
+        return [(s.name, s.ops, s.extra.get("tile", "")) for s in self.steps]
+
