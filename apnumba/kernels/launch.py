@@ -64,7 +64,9 @@ class BoundLaunch:
         self.compiled = compiled
         if SIMULATOR:
             self._args = [_flat(a) if hasattr(a, "copy_to_host") else a for a in args]
-            self._launch = compiled.kernel[grid, block, stream or 0, compiled.dynamic_shared]
+            # Configure at each call: the simulator's kernel[...] keeps the launch configuration on the
+            # kernel object itself, so two bindings of one kernel would otherwise share the last one's grid.
+            self._launch = lambda *a: compiled.kernel[grid, block, stream or 0, compiled.dynamic_shared](*a)
             return
         from cuda.core import LaunchConfig, launch
         from numba.cuda.cudadrv.driver import _to_core_stream

@@ -154,3 +154,17 @@ def test_first_layer_patches(rng, layout):
     expect = quantize(R.patches(x, 3, 3, 2, 1), "s8", 0.05)
     assert t.image == (2, 3, 3) and t.shape == (18, 27)
     assert (t.words_host() == R.pack(expect, "s8")).all() and (t.rowsum_host() == R.row_sums(expect)).all()
+
+
+def test_two_bindings_of_one_kernel_keep_their_own_grids(rng):
+    """A network binds one compiled kernel for several layers: each launch must keep its own grid."""
+    from apnumba import reference as R
+    from apnumba.matmul import prepare_apmm
+    from apnumba.packed import PackedTensor
+
+    cfg = TileConfig(1, 1, 1, 1, 2)  # 16 x 8 output tiles
+    w, x = R.random_codes(rng, (40, 256), "u1"), R.random_codes(rng, (20, 256), "u1")
+    big = prepare_apmm(PackedTensor.from_codes(w, "u1"), PackedTensor.from_codes(x, "u1"), config=cfg)  # 3 x 3 blocks
+    prepare_apmm(PackedTensor.from_codes(w[:16], "u1"), PackedTensor.from_codes(x[:8], "u1"), config=cfg)  # 1 block
+    big()
+    assert (big.out.copy_to_host() == w.astype(np.int64) @ x.T).all()
