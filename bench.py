@@ -585,7 +585,7 @@ def section_nets(args, report):
     for r in rows:
         if "layers" not in r:
             continue
-        t = Table(title=f"{r['model']} {r['bits']} batch {r['batch']}: per step (each timed alone)")
+        t = Table(title=f"{r['model']} {r['bits']} batch {r['batch']}: per step (each alone, GPU time from a graph of its calls)")
         for c in ("step", "GPU us", "share", "logical TOPS"):
             t.add_column(c, justify="left" if c == "step" else "right")
         total = sum(x["gpu_us"] for x in r["layers"]) or 1.0

@@ -228,3 +228,17 @@ def test_network_rejects_bad_inputs():
         Network(tiny_vgg("w1a2"), (2, 4, 8, 8))
     with pytest.raises(PlanError, match="GiB"):
         Network(tiny_vgg("w1a2"), (2**20, 3, 512, 512))
+
+
+def test_layer_times_and_a_saved_model_run(rng, tmp_path):
+    from apnumba.layers import Network, load, save
+    from apnumba.layers.models import tiny_vgg
+
+    model = tiny_vgg("w2a2")
+    save(model, tmp_path / "m.npz")
+    net = Network(load(tmp_path / "m.npz"), (2, 3, 8, 8))
+    x = rng.standard_normal((2, 3, 8, 8)).astype(np.float32)
+    assert (net.forward(x).copy_to_host() == Network(model, (2, 3, 8, 8)).reference(x)).all()
+    times = net.layer_times(repeats=3)
+    assert [name for name, _, _ in times] == [s.name for s in net.steps]
+    assert all(us > 0 for _, us, _ in times)

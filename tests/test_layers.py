@@ -64,3 +64,58 @@ def test_batch_norm_folds_into_scale_and_shift():
     torch_style = bn.weight * (y - bn.running_mean) / np.sqrt(bn.running_var + bn.eps) + bn.bias
     assert np.allclose(g * y + h, torch_style)
     assert MaxPool2d(3, 2, 1).stride == 2 and MaxPool2d(2).stride == 2
+
+
+def _same_model(a, b):
+    from apnumba.layers import Sequential
+
+    assert type(a) is type(b)
+    if isinstance(a, Sequential):
+        assert len(a.layers) == len(b.layers)
+        for x, y in zip(a.layers, b.layers):
+            _same_model(x, y)
+        return
+    if isinstance(a, BasicBlock):
+        for name in ("conv1", "bn1", "conv2", "bn2"):
+            _same_model(getattr(a, name), getattr(b, name))
+        assert (a.downsample is None) == (b.downsample is None)
+        if a.downsample is not None:
+            _same_model(a.downsample, b.downsample)
+        return
+    for name, v in vars(a).items():
+        w = getattr(b, name)
+        if isinstance(v, np.ndarray):
+            assert v.dtype == w.dtype and v.shape == w.shape and (v == w).all(), name
+        else:
+            assert v == w, name
+
+
+@pytest.mark.parametrize("build,bits", [("tiny_resnet", "w2a2"), ("tiny_vgg", "wb1ab1"), ("resnet18", "w1a2")])
+def test_save_and_load_round_trip(tmp_path, build, bits):
+    from apnumba.layers import io, models
+
+    model = getattr(models, build)(bits)
+    path = tmp_path / "model.npz"
+    io.save(model, path)
+    _same_model(model, io.load(path))
+    assert path.stat().st_size < 2 * 1024 * 1024 or build == "resnet18"  # packed: p bits a weight
+
+
+def test_load_refuses_other_files_and_versions(tmp_path):
+    import json
+
+    from apnumba.layers import io
+    from apnumba.layers.models import tiny_vgg
+
+    np.savez(tmp_path / "plain.npz", a=np.zeros(3))
+    with pytest.raises(io.ModelFileError, match="not an apnumba model"):
+        io.load(tmp_path / "plain.npz")
+    io.save(tiny_vgg(), tmp_path / "m.npz")
+    with np.load(tmp_path / "m.npz") as f:
+        arrays = {k: f[k] for k in f.files}
+    spec = json.loads(bytes(arrays["__spec__"]).decode())
+    spec["version"] = io.VERSION + 1
+    arrays["__spec__"] = np.frombuffer(json.dumps(spec).encode(), np.uint8)
+    np.savez(tmp_path / "future.npz", **arrays)
+    with pytest.raises(io.ModelFileError, match=f"version {io.VERSION + 1}"):
+        io.load(tmp_path / "future.npz")

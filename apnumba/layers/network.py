@@ -22,7 +22,7 @@ from numba import cuda
 from .. import ops, reference
 from ..conv import PackedConvWeight, prepare_apconv
 from ..device import is_device_array, require_gpu
-from ..graph import CudaGraph
+from ..graph import CudaGraph, gpu_time_per_call
 from ..packed import PackedTensor
 from ..precision import quantize
 from .modules import Act, AvgPool2d, BasicBlock, BatchNorm2d, Conv2d, Flatten, Linear, MaxPool2d, ReLU, Sequential
@@ -333,19 +333,10 @@ class Network:
         return self
 
     def layer_times(self, repeats=10):
-        """Median GPU microseconds of each step (event-timed, one step at a time)."""
-        out = []
-        for step in self.steps:
-            times = []
-            for _ in range(repeats):
-                start, stop = cuda.event(), cuda.event()
-                start.record(self.stream)
-                step.run()
-                stop.record(self.stream)
-                stop.synchronize()
-                times.append(1e3 * cuda.event_elapsed_time(start, stop))
-            out.append((step.name, float(np.median(times)), step.ops))
-        return out
+        """GPU microseconds of each step: ``repeats`` calls of the step alone captured in a CUDA graph,
+        replayed and timed by events (so Python dispatch is not counted); [(name, us, logical ops)]."""
+        return [(step.name, gpu_time_per_call(self.stream, step.run, calls=repeats, replays=3), step.ops)
+                for step in self.steps]
 
     def reference(self, x):
         """The logits the GPU must produce, from numpy (same codes, same float32 epilogue constants)."""
