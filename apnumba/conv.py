@@ -48,7 +48,7 @@ class PackedConvWeight:
                    precision, scale, zero_point)
 
 
-_OUT_TYPES = {"i32": int32, "f32": float32, "pack": uint32}
+_OUT_TYPES = {"i32": int32, "f32": float32, "pack": uint32, "pack_max": uint32, "pack_avg": uint32}
 
 
 def _signature(out):
@@ -84,16 +84,16 @@ def conv_config(p, q, M, N, K, packed=False):
 
 
 def apconv(x, w, stride=1, padding=0, *, out=None, scale=None, bias=None, relu=False, residual=None,
-           residual_scale=1.0, config=None, stream=0):
+           residual_scale=1.0, pool=None, config=None, stream=0):
     """Convolve packed NHWC images ``x`` by ``w``; see :func:`prepare_apconv` for every argument."""
     launch = prepare_apconv(x, w, stride, padding, out=out, scale=scale, bias=bias, relu=relu, residual=residual,
-                            residual_scale=residual_scale, config=config, stream=stream)
+                            residual_scale=residual_scale, pool=pool, config=config, stream=stream)
     launch()
     return launch.out
 
 
 def prepare_apconv(x, w, stride=1, padding=0, *, out=None, scale=None, bias=None, relu=False, residual=None,
-                   residual_scale=1.0, config=None, stream=0):
+                   residual_scale=1.0, pool=None, config=None, stream=0):
     """Convolve packed NHWC images ``x`` (a PackedTensor with ``image``) by ``w`` (PackedConvWeight).
 
     Output, by ``out``:
@@ -102,7 +102,10 @@ def prepare_apconv(x, w, stride=1, padding=0, *, out=None, scale=None, bias=None
     - a PackedTensor (N*OH*OW rows, K channels): the fused epilogue writes the next layer's input -
       ``t = y * scale[k] + bias[k]``, plus ``(residual - zr) * residual_scale`` (a PackedTensor of the
       output's shape), ReLU if ``relu``, then ``out``'s quantizer with scale 1 (so fold the next layer's
-      scale into scale and bias) - exactly :func:`apnumba.reference.requantize`, then packed.
+      scale into scale and bias) - exactly :func:`apnumba.reference.requantize`, then packed;
+      with ``pool="max"`` or ``"avg"``, a 2x2 stride-2 pooling of the ReLU'd values comes before the
+      quantizer (:func:`apnumba.reference.requantize_pool`; floor mode, no residual) and ``out`` has
+      N * (OH // 2) * (OW // 2) rows.
     Returns a launch (arguments converted once; calling it launches, and zeroes a packed output's
     row sums first); ``.out`` is the output, ``.config`` the tile.
     """
@@ -122,11 +125,20 @@ def prepare_apconv(x, w, stride=1, padding=0, *, out=None, scale=None, bias=None
     check_accumulator(R * S * C, w.precision, x.precision, w.zero_point, x.zero_point)
     M, Npix = K, N * OH * OW
     packed = isinstance(out, PackedTensor)
+    if pool is not None:
+        if pool not in ("max", "avg"):
+            raise ValueError(f"pool: expected None, 'max' or 'avg' (2x2, stride 2), got {pool!r}")
+        if not packed or residual is not None:
+            raise ValueError("pool: the fused pooling needs a packed output (out=PackedTensor) and no residual")
+        if OH < 2 or OW < 2:
+            raise ValueError(f"pool: a 2x2 pooling needs at least 2x2 output pixels, the convolution gives {OH}x{OW}")
+        Npix = N * (OH // 2) * (OW // 2) * 4  # GEMM rows: each pooling window's 4 pixels, window by window
     ones, zeros = _ones_zeros(K)
     if packed:
-        if out.shape != (Npix, K):
-            raise ValueError(f"out: expected a PackedTensor of shape {(Npix, K)}, got {out.shape}")
-        kind = "pack"
+        out_rows = Npix // 4 if pool else Npix
+        if out.shape != (out_rows, K):
+            raise ValueError(f"out: expected a PackedTensor of shape {(out_rows, K)}, got {out.shape}")
+        kind = f"pack_{pool}" if pool else "pack"
         epi = [out.bits, out.precision.encoding.code, out.zero_point, int(bool(relu)), 0, 0, 0, out.kwords, 0]
         res_words = _dummy(np.uint32)
         if residual is not None:
@@ -136,7 +148,7 @@ def prepare_apconv(x, w, stride=1, padding=0, *, out=None, scale=None, bias=None
             epi[8] = residual.kwords
             res_words = residual.words
         y, y_rowsum = out.words, out.rowsum
-        out.image = (N, OH, OW)
+        out.image = (N, OH // 2, OW // 2) if pool else (N, OH, OW)
     else:
         if relu or residual is not None:
             raise ValueError("relu, residual: only the packed output (out=PackedTensor) applies them")

@@ -323,6 +323,35 @@ def requantize(y, scale, bias, precision, zero_point=0, relu=False, residual=Non
     return quantize(flat, precision, 1.0, zero_point).reshape(t.shape)
 
 
+def requantize_pool(y, scale, bias, precision, zero_point=0, relu=False, mode="max"):
+    """The fused epilogue with a 2x2 stride-2 pooling (floor mode) before the quantizer, in float32:
+
+        t = y * scale[c] + bias[c], then max(t, 0) with relu      y: int32 sums (N, OH, OW, C)
+        max:  t = max(max(t00, t01), max(t10, t11))              (t_dy dx: the window's pixels)
+        avg:  t = ((t00 + t01) + (t10 + t11)) * 0.25             each operation rounded to float32
+        code = quantize(t, precision, scale=1, zero_point)        -> (N, OH // 2, OW // 2, C)
+
+    Max pooling commutes with the (monotone) quantizer, so "max" equals requantize then max_pool_codes.
+    """
+    if mode not in ("max", "avg"):
+        raise ValueError(f"mode: expected 'max' or 'avg', got {mode!r}")
+    y = np.asarray(y)
+    N, OH, OW, C = y.shape
+    if OH < 2 or OW < 2:
+        raise ValueError(f"y: a 2x2 pooling needs at least 2x2 pixels, got {OH}x{OW}")
+    t = y[:, : OH // 2 * 2, : OW // 2 * 2].astype(np.int32).astype(np.float32) * np.asarray(scale, np.float32)
+    t = t + np.asarray(bias, np.float32)
+    if relu:
+        t = np.where(t > 0, t, np.float32(0))
+    t = t.reshape(N, OH // 2, 2, OW // 2, 2, C)
+    t00, t01, t10, t11 = t[:, :, 0, :, 0], t[:, :, 0, :, 1], t[:, :, 1, :, 0], t[:, :, 1, :, 1]
+    if mode == "max":
+        p = np.maximum(np.maximum(t00, t01), np.maximum(t10, t11))
+    else:
+        p = ((t00 + t01) + (t10 + t11)) * np.float32(0.25)
+    return quantize(p.reshape(-1, 1), Precision.parse(precision), 1.0, zero_point).reshape(p.shape)
+
+
 # ---------------------------------------------------------------- packed-tensor operations
 
 

@@ -113,7 +113,7 @@ def check_conv(rng, px, pw, image, K, k, stride, padding, config=None, out_float
 
 
 def check_conv_packed(rng, px, pw, image, K, k, stride, padding, out_precision, relu=True, residual_precision=None,
-                      config=None):
+                      config=None, pool=None):
     """apconv with the fused epilogue (affine, residual, ReLU, requantize, pack) vs reference.requantize + pack."""
     from apnumba.conv import PackedConvWeight, apconv
 
@@ -130,10 +130,15 @@ def check_conv_packed(rng, px, pw, image, K, k, stride, padding, out_precision, 
     if residual_precision is not None:
         res_codes = R.random_codes(rng, (N * OH * OW, K), residual_precision)
         residual = PackedTensor.from_codes(res_codes, residual_precision)
+    if pool:
+        OH, OW = OH // 2, OW // 2
     out = PackedTensor.empty((N * OH * OW, K), out_precision)
     apconv(PackedTensor.from_codes(x, px), PackedConvWeight.from_codes(w, pw), stride, padding, out=out,
-           scale=scale, bias=bias, relu=relu, residual=residual, residual_scale=0.5, config=config)
-    expect = R.requantize(exact.reshape(-1, K), scale, bias, out_precision, 0, relu, res_codes, 0, 0.5)
+           scale=scale, bias=bias, relu=relu, residual=residual, residual_scale=0.5, pool=pool, config=config)
+    if pool:
+        expect = R.requantize_pool(exact, scale, bias, out_precision, 0, relu, pool).reshape(-1, K)
+    else:
+        expect = R.requantize(exact.reshape(-1, K), scale, bias, out_precision, 0, relu, res_codes, 0, 0.5)
     got_words = out.words_host()
     assert (got_words == R.pack(expect, out_precision)).all(), (
         f"packed conv output differs: {np.argwhere(R.unpack(got_words, out_precision, K) != expect)[:4].tolist()}"

@@ -135,13 +135,23 @@ CONV = [
 @pytest.mark.parametrize("p,q,shape", CONV, ids=[f"w{c[0]}a{c[1]}-{c[2][0]}" for c in CONV])
 @pytest.mark.parametrize("out", ["i32", "f32", "pack"])
 def test_apconv_sm90(p, q, shape, out):
+    _check_apconv(p, q, shape, out)
+
+
+@pytest.mark.parametrize("p,q,shape", [CONV[0], CONV[4]], ids=["w1a2", "w8a8"])
+@pytest.mark.parametrize("out", ["pack_max", "pack_avg"])
+def test_apconv_fused_pooling_sm90(p, q, shape, out):
+    _check_apconv(p, q, shape, out)
+
+
+def _check_apconv(p, q, shape, out):
     from apnumba.conv import _signature as conv_signature, conv_config
     from apnumba.kernels.apmm import apconv_kernel
 
-    cfg = conv_config(p, q, *shape, packed=out == "pack")
+    cfg = conv_config(p, q, *shape, packed=out.startswith("pack"))
     c = sass.compile_kernel(apconv_kernel(p, q, cfg, out).py_func, conv_signature(out), (9, 0))
     check_clean(c, count=cfg.mma_per_step(p, q))
-    if out == "pack":
+    if out.startswith("pack"):
         assert c.opcodes()["VOTE.ANY"] >= 1  # the next layer's words come from ballots
     print(f"apconv w{p}a{q} {cfg.short()} {out}: {c.registers} registers")
 

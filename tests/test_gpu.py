@@ -159,6 +159,15 @@ def test_apconv_fused_epilogue(rng, out, residual):
                           residual_precision=residual and Precision.parse(residual))
 
 
+@pytest.mark.parametrize("pool", ["max", "avg"])
+@pytest.mark.parametrize("out", ["u2", "s4", "b1"])
+def test_apconv_fused_pooling(rng, pool, out):
+    for (image, K, k, stride, padding) in [((2, 14, 14, 64), 64, 3, 1, 1), ((1, 15, 13, 40), 72, 3, 1, 1),
+                                           ((2, 28, 28, 96), 256, 3, 1, 1)]:
+        check_conv_packed(rng, Precision.parse("u2"), Precision.parse("b1"), image, K, k, stride, padding,
+                          Precision.parse(out), relu=out != "s4", pool=pool)
+
+
 def test_two_chained_layers(rng):
     """pack -> conv -> fused epilogue (packed) -> conv -> float out, against the reference chain."""
     from apnumba.conv import PackedConvWeight, apconv

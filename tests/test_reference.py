@@ -148,3 +148,17 @@ def test_conv_shapes_are_checked():
         R.conv_output_size(2, 5, 1, 1)
     with pytest.raises(ValueError, match="same C"):
         R.conv2d_int(np.zeros((1, 4, 4, 3)), np.zeros((2, 3, 3, 4)))
+
+
+def test_max_pooled_requantize_equals_requantize_then_max_pool(rng):
+    y = rng.integers(-300, 300, size=(2, 7, 6, 37)).astype(np.int32)
+    scale = rng.uniform(0.001, 0.03, 37).astype(np.float32)
+    bias = rng.uniform(-2, 2, 37).astype(np.float32)
+    for relu in (False, True):
+        for prec in ("u2", "s3", "b1"):
+            fused = R.requantize_pool(y, scale, bias, prec, 0, relu, "max")
+            codes = R.requantize(y.reshape(-1, 37), scale, bias, prec, 0, relu).reshape(y.shape)
+            assert (fused == R.max_pool_codes(codes, 2, 2)).all()
+    avg = R.requantize_pool(y, scale, bias, "u4", 0, True, "avg")
+    t = np.maximum(y[:, :6].astype(np.float64) * scale + bias, 0).reshape(2, 3, 2, 3, 2, 37).mean(axis=(2, 4))
+    assert np.abs(avg - np.clip(np.rint(t), 0, 15)).max() <= 1  # float32 vs float64 rounding at ties only

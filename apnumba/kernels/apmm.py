@@ -168,7 +168,7 @@ def apmm_kernel(p, q, config, out_float):
     return _build(p, q, config, out_float, conv=False)
 
 
-OUT_KINDS = ("i32", "f32", "pack")
+OUT_KINDS = ("i32", "f32", "pack", "pack_max", "pack_avg")
 
 
 @functools.lru_cache(maxsize=None)
@@ -177,13 +177,16 @@ def apconv_kernel(p, q, config, out):
 
     M = output channels, N = output pixels (n, oh, ow), K = R * S taps x the padded channel words.
     out: "i32", "f32" (scale, bias), or "pack" (the fused epilogue: affine, residual, ReLU,
-    requantize and pack the next layer's NHWC input; block_m must be a multiple of 32).
+    requantize and pack the next layer's NHWC input; block_m must be a multiple of 32), or
+    "pack_max" / "pack_avg": the same with a 2x2 stride-2 pooling before the requantize (no residual).
+    With pooling, GEMM row n is pixel (2 ph + (n & 2) / 2, 2 pw + (n & 1)) of pooled pixel n / 4, so
+    each pooling window is 4 consecutive rows of one tile (floor mode: an odd last row/column is dropped).
     Launch: grid (ceil(N / block_n), ceil(M / block_m)), block (config.threads,),
     dynamic shared memory config.shared_bytes(p, q, conv=True).
     """
     if out not in OUT_KINDS:
         raise ValueError(f"out: expected one of {OUT_KINDS}, got {out!r}")
-    if out == "pack" and config.block_m % 32:
+    if out.startswith("pack") and config.block_m % 32:
         raise ValueError(f"config: packing the output needs block_m a multiple of 32, got {config.block_m}")
     return _build(p, q, config, out, conv=True)
 
@@ -217,7 +220,8 @@ def _build(p, q, config, out, conv):
     COLUMNS = 4 if conv else 0  # valid taps x C, sum of the taps' pixel sums, ih0, iw0
     SUMS_IN_TILE = PASSES > 1 or WK > 1  # several partial sums meet in the tile
     OUT_FLOAT = out is True or out == "f32"
-    OUT_PACK = out == "pack"
+    OUT_PACK = out in ("pack", "pack_max", "pack_avg")
+    POOL = {"pack_max": 1, "pack_avg": 2}.get(out, 0) if isinstance(out, str) else 0  # 2x2/2 pooling
     OUT_DTYPE = float32 if OUT_FLOAT else int32
     WORDS_PER_COLUMN = BM // 32  # packed output: words of 32 channels per output pixel in the tile
     RASTER, STREAM_OUT = config.raster, config.stream_out
@@ -575,6 +579,34 @@ def _build(p, q, config, out, conv):
                     total += tap_sums[m * R * S + r * S + s]
         return total
 
+    @cuda.jit(device=True, inline="always")
+    def output_pixel(n, OH, OW):
+        """GEMM row n -> (image, oh, ow) of the convolution's output (with pooling: window-major order)."""
+        if POOL:
+            window, sub = n >> 2, n & 3
+            img, rest = divmod_u32(window, (OH >> 1) * (OW >> 1))
+            ph, pw = divmod_u32(rest, OW >> 1)
+            return img, 2 * ph + (sub >> 1), 2 * pw + (sub & 1)
+        img, rest = divmod_u32(n, OH * OW)
+        oh, ow = divmod_u32(rest, OW)
+        return img, oh, ow
+
+    @cuda.jit(device=True, inline="always")
+    def conv_value(smem, cc, wi, lane, c_k, ew, ex, full, ch_sum_w, mc, ch_scale, ch_bias, tap_sums, H, W, R, S):
+        """The float32 ``y * scale + bias`` of tile pixel cc, channel 32 * wi + lane, corrections included."""
+        kv = int32(ld_shared(smem, COL_BASE + cc))
+        v = int32(ld_shared(smem, TILE_BASE + cc * TILE_LD + 32 * wi + lane)) + c_k * kv
+        if ew != 0:
+            v += ew * int32(ld_shared(smem, COL_BASE + BN + cc))
+        if ex != 0:
+            if kv == full:
+                v += ex * ch_sum_w
+            else:
+                ih0 = int32(ld_shared(smem, COL_BASE + 2 * BN + cc))
+                iw0 = int32(ld_shared(smem, COL_BASE + 3 * BN + cc))
+                v += ex * border_tap_sum(tap_sums, mc, ih0, iw0, H, W, R, S)
+        return f32_add_rn(f32_mul_rn(float32(v), ch_scale), ch_bias)
+
     def apconv(a_words, b_words, M, N, kwords, geometry, coef_w, coef_x, ex, ew, c_k,
                sum_w, tap_sums, sum_x, scale, bias, y, y_rowsum, epi, res_words, res_scale):
         """Implicit-GEMM convolution: a_words = weights (K_out x R*S*cwords), b_words = NHWC activations.
@@ -605,7 +637,7 @@ def _build(p, q, config, out, conv):
         OH = geometry[7]
         OW = geometry[8]
         C = geometry[9]
-        images, _ = divmod_u32(N, OH * OW)
+        images, _ = divmod_u32(N, ((OH >> 1) * (OW >> 1) * 4) if POOL else OH * OW)
         pixels = images * H * W  # input pixels of all images
         csteps = cwords // K_STEP_WORDS
         k_steps = kwords // K_STEP_WORDS  # = R * S * csteps
@@ -634,8 +666,7 @@ def _build(p, q, config, out, conv):
             prow = (c * THREADS + tid) // CHUNKS
             plane = prow // BN
             n = n0 + prow - plane * BN
-            img, rest = divmod_u32(min(n, N - 1), OH * OW)
-            oh, ow = divmod_u32(rest, OW)
+            img, oh, ow = output_pixel(min(n, N - 1), OH, OW)
             b_dst[c] = A_ROWS * ROW_WORDS + swizzle(prow, chunk) if prow < B_ROWS else -1
             b_base[c] = plane * pixels + img * H * W
             b_ih0[c] = oh * stride - pad if n < N else -(1 << 24)  # rows past N never fall inside
@@ -694,8 +725,7 @@ def _build(p, q, config, out, conv):
         # Per output pixel of the tile: valid taps x C, and the sum of the valid taps' pixel sums.
         for cc in range(tid, BN, THREADS):
             n = n0 + cc
-            img, rest = divmod_u32(min(n, N - 1), OH * OW)
-            oh, ow = divmod_u32(rest, OW)
+            img, oh, ow = output_pixel(min(n, N - 1), OH, OW)
             ih0 = oh * stride - pad
             iw0 = ow * stride - pad
             taps = int32(0)
@@ -736,30 +766,47 @@ def _build(p, q, config, out, conv):
                 ch_bias = bias[mc]
                 ch_sum_w = sum_w[mc] if ex != 0 else 0
                 word = (m0 >> 5) + wi
-                for cc in range(warp, BN, THREADS // 32):
-                    n = n0 + cc
-                    if n < N:  # the same for the whole warp: the ballots stay convergent
-                        kv = int32(ld_shared(smem, COL_BASE + cc))
-                        v = int32(ld_shared(smem, TILE_BASE + cc * TILE_LD + 32 * wi + lane)) + c_k * kv
-                        if ew != 0:
-                            v += ew * int32(ld_shared(smem, COL_BASE + BN + cc))
-                        if ex != 0:
-                            if kv == full:
-                                v += ex * ch_sum_w
-                            else:
-                                ih0 = int32(ld_shared(smem, COL_BASE + 2 * BN + cc))
-                                iw0 = int32(ld_shared(smem, COL_BASE + 3 * BN + cc))
-                                v += ex * border_tap_sum(tap_sums, mc, ih0, iw0, H, W, R, S)
-                        t = f32_add_rn(f32_mul_rn(float32(v), ch_scale), ch_bias)
-                        if res_bits > 0:
-                            rc = code_at(res_words, N, res_cw, res_bits, res_enc, n, word, lane)
-                            t = f32_add_rn(t, f32_mul_rn(float32(rc - res_zp), res_scale))
-                        if relu != 0 and not t > 0:
-                            t = float32(0)
-                        pattern = quantize_scaled(t, out_zp, lo, hi, out_bits, out_enc) if valid else 0  # scale 1: folded
-                        total = store_word(y, N, out_cw, out_bits, out_enc, n, word, lane, pattern, valid)
-                        if lane == 0:
-                            cuda.atomic.add(y_rowsum, n, total)
+                if POOL:
+                    # Each window is 4 consecutive tile rows: ReLU'd values pooled in float32, then quantized.
+                    for wc in range(warp, BN // 4, THREADS // 32):
+                        n = n0 + 4 * wc
+                        if n < N:  # the same for the whole warp
+                            t0 = conv_value(smem, 4 * wc, wi, lane, c_k, ew, ex, full, ch_sum_w, mc, ch_scale, ch_bias,
+                                            tap_sums, H, W, R, S)
+                            t1 = conv_value(smem, 4 * wc + 1, wi, lane, c_k, ew, ex, full, ch_sum_w, mc, ch_scale,
+                                            ch_bias, tap_sums, H, W, R, S)
+                            t2 = conv_value(smem, 4 * wc + 2, wi, lane, c_k, ew, ex, full, ch_sum_w, mc, ch_scale,
+                                            ch_bias, tap_sums, H, W, R, S)
+                            t3 = conv_value(smem, 4 * wc + 3, wi, lane, c_k, ew, ex, full, ch_sum_w, mc, ch_scale,
+                                            ch_bias, tap_sums, H, W, R, S)
+                            if relu != 0:
+                                t0 = t0 if t0 > 0 else float32(0)
+                                t1 = t1 if t1 > 0 else float32(0)
+                                t2 = t2 if t2 > 0 else float32(0)
+                                t3 = t3 if t3 > 0 else float32(0)
+                            if POOL == 1:
+                                t = max(max(t0, t1), max(t2, t3))
+                            else:  # (top pair + bottom pair) / 4, each sum rounded: the reference's order
+                                t = f32_mul_rn(f32_add_rn(f32_add_rn(t0, t1), f32_add_rn(t2, t3)), float32(0.25))
+                            pattern = quantize_scaled(t, out_zp, lo, hi, out_bits, out_enc) if valid else 0
+                            total = store_word(y, N >> 2, out_cw, out_bits, out_enc, n >> 2, word, lane, pattern, valid)
+                            if lane == 0:
+                                cuda.atomic.add(y_rowsum, n >> 2, total)
+                else:
+                    for cc in range(warp, BN, THREADS // 32):
+                        n = n0 + cc
+                        if n < N:  # the same for the whole warp: the ballots stay convergent
+                            t = conv_value(smem, cc, wi, lane, c_k, ew, ex, full, ch_sum_w, mc, ch_scale, ch_bias,
+                                           tap_sums, H, W, R, S)
+                            if res_bits > 0:
+                                rc = code_at(res_words, N, res_cw, res_bits, res_enc, n, word, lane)
+                                t = f32_add_rn(t, f32_mul_rn(float32(rc - res_zp), res_scale))
+                            if relu != 0 and not t > 0:
+                                t = float32(0)
+                            pattern = quantize_scaled(t, out_zp, lo, hi, out_bits, out_enc) if valid else 0  # scale 1
+                            total = store_word(y, N, out_cw, out_bits, out_enc, n, word, lane, pattern, valid)
+                            if lane == 0:
+                                cuda.atomic.add(y_rowsum, n, total)
         else:
             # Epilogue step 2 along m (NHWC is channel-contiguous): corrections, then int32 or float32.
             vector = (M & 3) == 0
@@ -792,7 +839,7 @@ def _build(p, q, config, out, conv):
                                 y[at + e] = out[e]
 
     kernel = apconv if conv else apmm
-    kind = "pack" if OUT_PACK else ("f32" if OUT_FLOAT else "i32")
+    kind = out if OUT_PACK else ("f32" if OUT_FLOAT else "i32")
     kernel.__name__ = f"{'apconv' if conv else 'apmm'}_w{p}a{q}_{config.short()}_{kind}"
     kernel.__qualname__ = kernel.__name__
     return cuda.jit(kernel)

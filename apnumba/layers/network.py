@@ -3,10 +3,11 @@
 Planning walks the layers and turns them into steps, each one launch (or a view):
 
     first Conv2d      quantize + pack the float input's receptive fields, then a 1x1 convolution
-    Conv2d / Linear   one apconv; a following BatchNorm2d, ReLU, the block's residual and the next
-                      layer's quantizer are folded into its epilogue; the last layer writes float32
+    Conv2d / Linear   one apconv; a following BatchNorm2d, ReLU, the block's residual, a 2x2 stride-2
+                      MaxPool2d and the next layer's quantizer are folded into its epilogue; the last
+                      layer writes float32
     BasicBlock        conv1 (+BN, ReLU) ; [downsample conv (+BN)] ; conv2 (+BN, + shortcut, ReLU)
-    MaxPool2d / AvgPool2d / Flatten    the packed-tensor ops (Flatten is a view)
+    MaxPool2d / AvgPool2d / Flatten    the packed-tensor ops (other pools; Flatten is a view)
 
 Every step also has its numpy twin built from the same float32 epilogue constants, so
 :meth:`Network.reference` computes the logits the GPU must produce, bit for bit (integer pipeline)
@@ -100,7 +101,12 @@ class Network:
                 j = i + 1 + (bn is not None)
                 relu = j < len(layers) and isinstance(layers[j], ReLU)
                 i = j + relu
-                self._product(layer, bn, relu, i >= len(layers), name)
+                nxt = layers[i] if i < len(layers) else None
+                pool = (isinstance(layer, Conv2d) and isinstance(nxt, MaxPool2d)
+                        and (nxt.kernel_size, nxt.stride, nxt.padding) == (2, 2, 0))
+                if pool:  # a 2x2/2 max pool after the conv goes into its epilogue (max commutes with requantize)
+                    name, i = f"{name}+{i}:MaxPool2d", i + 1
+                self._product(layer, bn, relu, i >= len(layers), name, pool=pool)
                 continue
             if isinstance(layer, BasicBlock):
                 self._block(layer, f"{i}:BasicBlock", last)
@@ -130,7 +136,7 @@ class Network:
         res = None if residual_act is None else np.float32(residual_act.scale / out_act.scale)
         return (a / out_act.scale).astype(np.float32), (b / out_act.scale).astype(np.float32), res
 
-    def _product(self, layer, bn, relu, final, name, residual=None):
+    def _product(self, layer, bn, relu, final, name, residual=None, pool=False):
         """One Conv2d / Linear with its folded epilogue; returns the output (PackedTensor, Act)."""
         N = self.input_shape[0]
         first = self.cur is None
@@ -186,12 +192,21 @@ class Network:
         else:
             OH = reference.conv_output_size(x.image[1], weight.shape[1], stride, padding)
             OW = reference.conv_output_size(x.image[2], weight.shape[1], stride, padding)
+            if pool:
+                if final or OH < 2 or OW < 2:
+                    raise PlanError(f"{name}: a 2x2 max pool needs a hidden layer with at least 2x2 output pixels")
+                OH, OW = OH // 2, OW // 2
             out = PackedTensor.empty((N * OH * OW, layer.out_channels), out_act.precision, out_act.scale,
                                      out_act.zero_point)
             launch = prepare_apconv(x, weight, stride, padding, out=out, scale=scale, bias=bias, relu=relu,
                                     residual=res_x, residual_scale=float(res_scale or 1.0), stream=self.stream,
-                                    config=self.tile)
+                                    pool="max" if pool else None, config=self.tile)
         ref = self._ref_product(ref_codes, stride, padding, act, scale, bias, relu, out_act, residual, res_scale, final)
+        if pool:
+            conv_ref = ref
+
+            def ref(codes, results):  # the unfused order: requantize, then torch's MaxPool2d(2, 2) on the codes
+                return reference.max_pool_codes(conv_ref(codes, results), 2, 2, 0)
         self.steps.append(Step(name, launch, ref, x, out, 2.0 * macs, {"tile": launch.config.short()}))
         self.cur = out if final else (out, out_act)
         return self.cur

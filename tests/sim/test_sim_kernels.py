@@ -76,6 +76,13 @@ def test_apconv_fused_epilogue(rng, out, res):
                       config=TileConfig(2, 1, 1, 1, 2))
 
 
+@pytest.mark.parametrize("pool,out", [("max", "u2"), ("avg", "s3")])
+def test_apconv_fused_pooling(rng, pool, out):
+    """2x2/2 pooling in the epilogue: odd sizes (floor), binary padding corrections, two m-blocks."""
+    check_conv_packed(rng, Precision.parse("u2"), Precision.parse("b1"), (1, 5, 4, 40), 64, 3, 1, 1,
+                      Precision.parse(out), relu=pool == "max", config=TileConfig(2, 1, 1, 1, 2), pool=pool)
+
+
 def test_two_chained_layers(rng):
     """float -> pack -> conv -> fused epilogue (packed) -> conv -> float out, as the reference chain does it."""
     import numpy as np
