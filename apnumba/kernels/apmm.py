@@ -258,6 +258,24 @@ def _build(p, q, config, out, conv):
         src = (int64(plane) * rows + min(row0 + row, rows - 1)) * kwords + chunk * 4
         return src, dst_base + swizzle(prow, chunk), chunk >> 1, (16 if row0 + row < rows else 0)
 
+    @cuda.jit(device=True, inline="always")
+    def plan_operand(tid, rows_per_plane, rows, row0, kwords, dst_base, stage_rows, src, dst, step, nbytes):
+        """This thread's copy slots of one operand (see plan_copies); slots past the stage's rows get dst -1."""
+        for c in range(src.shape[0]):
+            copy = c * THREADS + tid
+            src[c], dst[c], step[c], nbytes[c] = plan_copies(copy, rows_per_plane, rows, row0, kwords, dst_base)
+            if copy >= stage_rows * CHUNKS:
+                dst[c] = -1
+
+    @cuda.jit(device=True, inline="always")
+    def zero_accumulators(acc):
+        for j in range(PG):
+            for i in range(Q):
+                for mt in range(MT):
+                    for nt in range(NT):
+                        for e in range(4):
+                            acc[j, i, mt, nt, e] = 0
+
     def copier(COPIES):
         @cuda.jit(device=True, inline="always")
         def copy_rows(smem, base, step0, k_steps, words, offset, src, dst, step, nbytes):
@@ -433,20 +451,12 @@ def _build(p, q, config, out, conv):
         a_dst = cuda.local.array(A_COPIES, int32)
         a_step = cuda.local.array(A_COPIES, int32)
         a_bytes = cuda.local.array(A_COPIES, int32)
-        for c in range(A_COPIES):
-            copy = c * THREADS + tid
-            a_src[c], a_dst[c], a_step[c], a_bytes[c] = plan_copies(copy, BM, M, m0, kwords, 0)
-            if copy >= A_ROWS * CHUNKS:
-                a_dst[c] = -1
+        plan_operand(tid, BM, M, m0, kwords, 0, A_ROWS, a_src, a_dst, a_step, a_bytes)
         b_src = cuda.local.array(B_COPIES, int64)
         b_dst = cuda.local.array(B_COPIES, int32)
         b_step = cuda.local.array(B_COPIES, int32)
         b_bytes = cuda.local.array(B_COPIES, int32)
-        for c in range(B_COPIES):
-            copy = c * THREADS + tid
-            b_src[c], b_dst[c], b_step[c], b_bytes[c] = plan_copies(copy, BN, N, n0, kwords, A_ROWS * ROW_WORDS)
-            if copy >= B_ROWS * CHUNKS:
-                b_dst[c] = -1
+        plan_operand(tid, BN, N, n0, kwords, A_ROWS * ROW_WORDS, B_ROWS, b_src, b_dst, b_step, b_bytes)
 
         # Rows whose ldmatrix addresses this lane gives: A (plane 0, m-tile 0), B pair (plane 0, n-tiles 0, 1).
         lanes = ldmatrix_lanes(warp_m, warp_n, lane)
@@ -457,12 +467,7 @@ def _build(p, q, config, out, conv):
         pair_coef = cuda.local.array((PG, Q), int32)
 
         for ps in range(PASSES):
-            for j in range(PG):
-                for i in range(Q):
-                    for mt in range(MT):
-                        for nt in range(NT):
-                            for e in range(4):
-                                acc[j, i, mt, nt, e] = 0
+            zero_accumulators(acc)
             a_pass = int64(ps * PG) * M * kwords
 
             for s in range(STAGES - 1):  # prologue: fill all stages but one
@@ -648,11 +653,7 @@ def _build(p, q, config, out, conv):
         a_dst = cuda.local.array(A_COPIES, int32)
         a_step = cuda.local.array(A_COPIES, int32)
         a_bytes = cuda.local.array(A_COPIES, int32)
-        for c in range(A_COPIES):
-            copy = c * THREADS + tid
-            a_src[c], a_dst[c], a_step[c], a_bytes[c] = plan_copies(copy, BM, M, m0, kwords, 0)
-            if copy >= A_ROWS * CHUNKS:
-                a_dst[c] = -1
+        plan_operand(tid, BM, M, m0, kwords, 0, A_ROWS, a_src, a_dst, a_step, a_bytes)
         # B (activations): each copy slot is one output pixel's chunk; which input pixel it reads
         # depends on the tap of the k-step, so keep the pixel's corner (ih0, iw0) and its image's
         # first pixel.  THREADS is a multiple of CHUNKS, so every slot of a thread has the same
@@ -679,12 +680,7 @@ def _build(p, q, config, out, conv):
         pair_coef = cuda.local.array((PG, Q), int32)
 
         for ps in range(PASSES):
-            for j in range(PG):
-                for i in range(Q):
-                    for mt in range(MT):
-                        for nt in range(NT):
-                            for e in range(4):
-                                acc[j, i, mt, nt, e] = 0
+            zero_accumulators(acc)
             a_pass = int64(ps * PG) * M * kwords
             # The tap (r, s) and channel step of this thread's k-step in the next stage to load.
             step = chunk >> 1
