@@ -39,6 +39,11 @@ def test_pack_shapes_not_multiple_of_anything(rng):
         check_pack(rng, rows, K, Precision.parse("s2"))
 
 
+def test_pack_more_rows_than_a_grid_dimension_holds(rng):
+    # 100,352 rows = a batch of two 224x224 images: past the 65,535 blocks of a grid's y (codes() once failed).
+    check_pack(rng, 2 * 224 * 224, 40, Precision.parse("u2"))
+
+
 # Every p, q in 1..8 crossed with every encoding pair, at a modest ragged size, on the tile the
 # library picks for that size and on the tile it picks for 8192^3 (the big kernels).
 BIT_PAIRS = list(itertools.product(range(1, 9), repeat=2))

@@ -100,12 +100,15 @@ def pack_rows_kernel(x, rows, K, ld, scale, scale_step, zero_point, bits, encodi
 
 @cuda.jit
 def unpack_rows_kernel(words, rows, K, kwords, bits, encoding, codes):
-    """codes[row * K + k] = the value whose planes are stored at (row, k); grid (ceil(K / threads), rows)."""
-    k = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
-    row = cuda.blockIdx.y
-    if k >= K:
+    """codes[i] for i = row * K + k: the value whose planes are stored at (row, k).
+
+    A flat grid of ceil(rows * K / threads) blocks: rows can exceed the 65,535 blocks a grid's y allows
+    (a 224x224 image batch has 100,352 pixel rows)."""
+    i = cuda.grid(1)
+    if i >= rows * K:
         return
-    i = row * K + k
+    row = i // K  # 64-bit: rows * K may pass 2^32 (an inspection path; speed is secondary)
+    k = i - row * K
     word = k >> 5
     bit = k & 31
     v = int32(0)
