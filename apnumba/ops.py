@@ -11,7 +11,7 @@ import numpy as np
 from numba import cuda
 
 from . import reference
-from .device import is_device_array, require_gpu
+from .device import is_device_array, require_gpu, zero_fill
 from .kernels import packed_ops as K
 from .packed import PackedTensor
 from .precision import Encoding
@@ -61,8 +61,9 @@ def _pool(x, out, mode, kernel_size, stride, padding, out_image, multiplier, str
     geometry = _i32([N, H, W, x.K, kernel_size, stride, padding, OH, OW, x.kwords])
     params = _i32([mode, x.bits, x.precision.encoding.code, x.zero_point, out.bits, out.precision.encoding.code,
                    out.zero_point])
-    _launch(K.pool_kernel, N * OH * OW, stream, x.words.reshape(x.words.size), geometry, params, np.float32(multiplier),
-            out.words.reshape(out.words.size), out.rowsum)
+    zero_fill(out.rowsum, stream or cuda.default_stream())  # the warps of a row's words add their code sums
+    _launch(K.pool_kernel, N * OH * OW * -(-x.K // 32), stream, x.words.reshape(x.words.size), geometry, params,
+            np.float32(multiplier), out.words.reshape(out.words.size), out.rowsum)
     return out
 
 
@@ -110,6 +111,12 @@ def add(a, b, out, relu=False, stream=0):
     return out
 
 
+def check_flattenable(precision, zero_point):
+    if precision.encoding is Encoding.BINARY or zero_point:
+        raise ValueError("x: flatten keeps the channel padding inside the features, which is exact only when zero bits "
+                         f"mean the value 0 (unsigned or signed, no zero point); got {precision} zero point {zero_point}")
+
+
 def flatten(x, out=None, stream=0):
     """NHWC images (N*H*W rows of C channels) -> N rows of H*W*Cp features, without moving a bit.
 
@@ -122,9 +129,7 @@ def flatten(x, out=None, stream=0):
     """
     require_gpu()
     N, H, W = _image(x)
-    if x.precision.encoding is Encoding.BINARY or x.zero_point:
-        raise ValueError("x: flatten keeps the channel padding inside the features, which is exact only when zero bits "
-                         f"mean the value 0 (unsigned or signed, no zero point); got {x.precision} zero point {x.zero_point}")
+    check_flattenable(x.precision, x.zero_point)
     pixels = H * W
     if out is None:
         words = x.words.reshape(x.bits, N, pixels * x.kwords)

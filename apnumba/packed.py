@@ -173,7 +173,7 @@ class PackedTensor:
         rows, K = self.shape
         out = cuda.device_array(rows * K, dtype=np.int32)
         threads = 256
-        pack_kernels.unpack_rows_kernel[-(-(rows * K) // threads), threads, _launch_stream(stream)](
+        pack_kernels.unpack_rows_kernel[(rows, -(-K // threads)), threads, _launch_stream(stream)](
             self.words.reshape(self.words.size), rows, K, self.kwords, self.bits, self.precision.encoding.code, out
         )
         return out.copy_to_host().reshape(rows, K)

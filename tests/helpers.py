@@ -194,6 +194,9 @@ def check_network(rng, model, input_shape, tile=None, layout="NCHW", capture=Fal
         assert (np.asarray(got).reshape(expect.shape) == expect).all(), (
             f"step {step.name} differs at {np.argwhere(np.asarray(got).reshape(expect.shape) != expect)[:4].tolist()}")
     assert (logits == net.reference(x)).all()
+    cpu = Network(model, input_shape, layout=layout, device="cpu")  # the plan without a GPU: same steps, same logits
+    assert [s.name for s in cpu.steps] == [s.name for s in net.steps]
+    assert (cpu.forward(x) == logits).all()
     if capture:
         net.capture()
         x2 = rng.standard_normal(input_shape).astype(np.float32)

@@ -256,3 +256,34 @@ def test_layer_times_and_a_saved_model_run(rng, tmp_path):
     times = net.layer_times(repeats=3)
     assert [name for name, _, _ in times] == [s.name for s in net.steps]
     assert all(us > 0 for _, us, _ in times)
+
+
+# ---------------------------------------------------------------- imported torch models (issue 6)
+
+def test_an_imported_torch_model_runs_exactly_on_the_gpu(rng):
+    torch = pytest.importorskip("torch")
+    from apnumba.layers.importer import compare, from_torch
+    from tests.test_import import small_cnn, trained
+
+    for w_bits, a_bits in ((1, 2), (2, 2)):
+        model = trained(small_cnn(w_bits, a_bits))
+        imported = from_torch(model)
+        net = check_network(rng, imported, (8, 3, 11, 11), capture=True)  # GPU == numpy twin == CPU plan
+        x = rng.standard_normal((8, 3, 11, 11)).astype(np.float32)
+        report = compare(model, imported, x)
+        assert all(s.differ == 0 for s in report.steps), report.table()
+        with torch.no_grad():
+            expect = model(torch.from_numpy(x)).argmax(1).numpy()
+        assert (net.forward(x).copy_to_host().argmax(1) == expect).all()
+
+
+def test_digits_example_on_the_gpu():
+    pytest.importorskip("torch")
+    pytest.importorskip("sklearn")
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+    import digits
+
+    assert digits.main(["--epochs", "3", "--device", "cuda"]) == 0

@@ -119,3 +119,91 @@ def test_load_refuses_other_files_and_versions(tmp_path):
     np.savez(tmp_path / "future.npz", **arrays)
     with pytest.raises(io.ModelFileError, match=f"version {io.VERSION + 1}"):
         io.load(tmp_path / "future.npz")
+
+
+# ---------------------------------------------------------------- planning without a GPU (device="cpu")
+
+def _float_twin(model, x, input_act):
+    """The model in float64 on dequantized codes (torch's order of layers), quantizing where the plan does:
+    an independent check of the planner's folding (the exact checks against the GPU are in tests/sim and
+    test_gpu.py)."""
+    from apnumba import reference
+    from apnumba.layers import Flatten, ReLU
+    from apnumba.precision import dequantize, quantize
+
+    def q(t, act):  # quantize NCHW floats per tensor, back to floats
+        codes = quantize(t.reshape(1, -1).astype(np.float32), act.precision, act.scale, act.zero_point)
+        return dequantize(codes, act.precision, act.scale, act.zero_point).astype(np.float64).reshape(t.shape)
+
+    t = q(x, input_act)
+    layers = model.layers
+    for i, layer in enumerate(layers):
+        if isinstance(layer, Conv2d):
+            w = layer.weight.astype(np.float64) * layer.weight_scale[:, None, None, None]  # (K, R, S, C)
+            k, st, pad = layer.kernel_size, layer.stride, layer.padding
+            xp = np.pad(t, ((0, 0), (0, 0), (pad, pad), (pad, pad)))
+            OH = reference.conv_output_size(t.shape[2], k, st, pad)
+            OW = reference.conv_output_size(t.shape[3], k, st, pad)
+            t = sum(np.einsum("nchw,kc->nkhw", xp[:, :, r : r + st * (OH - 1) + 1 : st, c : c + st * (OW - 1) + 1 : st],
+                              w[:, r, c, :]) for r in range(k) for c in range(k))
+            t = t + (layer.bias[None, :, None, None] if layer.bias is not None else 0)
+        elif isinstance(layer, Linear):
+            t = t @ (layer.weight * layer.weight_scale[:, None]).T + (layer.bias if layer.bias is not None else 0)
+        elif isinstance(layer, BatchNorm2d):
+            g, h = layer.fold()
+            t = t * g[None, :, None, None] + h[None, :, None, None]
+        elif isinstance(layer, ReLU):
+            t = np.maximum(t, 0)
+        elif isinstance(layer, MaxPool2d):
+            N, C, H, W = t.shape
+            t = t[:, :, : H // 2 * 2, : W // 2 * 2].reshape(N, C, H // 2, 2, W // 2, 2).max(axis=(3, 5))
+        elif isinstance(layer, Flatten):
+            t = t.reshape(t.shape[0], -1)
+        nxt = layers[i + 1] if i + 1 < len(layers) else None
+        producer = [m for m in layers[: i + 1] if isinstance(m, (Conv2d, Linear))]
+        if producer and producer[-1].out_act is not None and not isinstance(nxt, (BatchNorm2d, ReLU)) \
+                and isinstance(layer, (Conv2d, Linear, BatchNorm2d, ReLU)):  # (max pooling commutes with it)
+            t = q(t, producer[-1].out_act)
+    return t
+
+
+def test_a_cpu_plan_runs_without_a_gpu_and_follows_the_float_model():
+    from apnumba.layers import Network
+    from apnumba.layers.models import tiny_vgg
+
+    rng = np.random.default_rng(3)
+    model = tiny_vgg("w2a2")
+    for m in model.layers:
+        if isinstance(m, BatchNorm2d):  # non-trivial batch norm statistics
+            m.weight, m.bias = rng.uniform(0.5, 2, m.num_features), rng.uniform(-1, 1, m.num_features)
+            m.running_mean, m.running_var = rng.uniform(-1, 1, m.num_features), rng.uniform(0.5, 2, m.num_features)
+    net = Network(model, (4, 3, 8, 8), device="cpu")
+    x = rng.standard_normal((4, 3, 8, 8)).astype(np.float32)
+    logits = net.forward(x)
+    assert logits.shape == (4, 10) and logits.dtype == np.float32
+    twin = _float_twin(model, x, net.input_act)
+    # float32 folded constants vs float64: a code could flip at a rounding tie (not for this seed: every code
+    # agrees, and the logits differ by float32 rounding only).
+    assert np.abs(logits - twin).max() < 1e-5 * np.abs(twin).max(), (logits, twin)
+    _, steps = net.reference(x, intermediates=True)
+    assert [name for name, _ in steps] == [s.name for s in net.steps]
+
+
+def test_a_cpu_plan_checks_like_a_gpu_plan():
+    from apnumba.layers import Flatten, Network, PlanError, Sequential
+
+    with pytest.raises(PlanError, match="input channels"):
+        Network(Sequential(Conv2d(3, 4, 3), Flatten(), Linear(4, 2)), (1, 5, 3, 3), device="cpu")
+    with pytest.raises(PlanError, match="Flatten first"):
+        Network(Sequential(Conv2d(3, 4, 3, out_act=Act("u2", 0.5)), Linear(4, 2)), (1, 3, 5, 5), device="cpu")
+    with pytest.raises(PlanError, match="flatten"):  # +-1 activations cannot keep zero padding bits
+        Network(Sequential(Conv2d(3, 4, 3, out_act=Act("b1", 1.0)), Flatten(), Linear(4, 2)), (1, 3, 3, 3),
+                device="cpu")
+    with pytest.raises(ValueError, match="device"):
+        Network(Sequential(Conv2d(3, 4, 3)), (1, 3, 3, 3), device="gpu")
+    net = Network(Sequential(Conv2d(3, 4, 3, out_act=Act("u2", 0.5)), Flatten(), Linear(4, 2)), (1, 3, 3, 3),
+                  device="cpu")
+    with pytest.raises(ValueError, match="x: expected shape"):
+        net.forward(np.zeros((1, 3, 3, 4), np.float32))
+    with pytest.raises(RuntimeError, match="device='cpu'"):
+        net.capture()

@@ -100,15 +100,14 @@ def pack_rows_kernel(x, rows, K, ld, scale, scale_step, zero_point, bits, encodi
 
 @cuda.jit
 def unpack_rows_kernel(words, rows, K, kwords, bits, encoding, codes):
-    """codes[i] for i = row * K + k: the value whose planes are stored at (row, k).
+    """codes[row * K + k] = the value whose planes are stored at (row, k); grid (rows, ceil(K / threads)).
 
-    A flat grid of ceil(rows * K / threads) blocks: rows can exceed the 65,535 blocks a grid's y allows
-    (a 224x224 image batch has 100,352 pixel rows)."""
-    i = cuda.grid(1)
-    if i >= rows * K:
+    Rows go on the grid's x (up to 2^31 - 1 blocks): a 224x224 image batch has more pixel rows than the
+    65,535 blocks a grid's y allows."""
+    row = cuda.blockIdx.x
+    k = cuda.blockIdx.y * cuda.blockDim.x + cuda.threadIdx.x
+    if k >= K:
         return
-    row = i // K  # 64-bit: rows * K may pass 2^32 (an inspection path; speed is secondary)
-    k = i - row * K
     word = k >> 5
     bit = k & 31
     v = int32(0)
@@ -117,7 +116,7 @@ def unpack_rows_kernel(words, rows, K, kwords, bits, encoding, codes):
         v += plane_coef(j, bits, encoding) * int32(b)
     if encoding == ENC_BINARY:
         v -= 1
-    codes[i] = v
+    codes[row * K + k] = v
 
 
 @cuda.jit
@@ -144,7 +143,7 @@ def pack_patches_kernel(x, geometry, strides, scale, zero_point, bits, encoding,
     lo, hi = code_range(bits, encoding)
     s = float32(scale[0])
     total = int32(0)
-    for word in range(kwords):
+    for word in range((features + 31) // 32):  # the padding words past the features stay zero from allocation
         k = word * 32 + lane
         tap, c = divmod_u32(min(k, features - 1), C)
         r, t = divmod_u32(tap, S)

@@ -1,10 +1,12 @@
 """Operations on packed tensors where fusion into a product's epilogue is not possible.
 
 Pooling, residual add, and the per-image row sums a flatten needs.  One warp per output row
-(pixel); lane l takes channel 32 w + l of word w: its code is read straight off the bit planes,
-combined, quantized, and packed again by one ballot per plane.  The warp writes the row's code
-sum itself (no atomics).  Words past the channels are left alone: packed buffers are allocated
-zeroed and nothing writes their padding.
+(pixel) - for pooling, per output row and 32-channel word, so a global pooling of few pixels and
+many taps still fills the GPU; lane l takes channel 32 w + l of word w: its code is read straight
+off the bit planes, combined, quantized, and packed again by one ballot per plane.  A warp of a
+whole row writes the row's code sum itself; pooling warps add theirs to a zeroed sum (one atomic
+each).  Words past the channels are left alone: packed buffers are allocated zeroed and nothing
+writes their padding.
 """
 
 from numba import cuda, float32, int32
@@ -50,11 +52,12 @@ def store_word(out, rows, cwords, bits, encoding, row, word, lane, pattern, vali
 @cuda.jit
 def pool_kernel(x, geometry, params, multiplier, out, out_rowsum):
     """geometry: [N, H, W, C, kernel, stride, padding, OH, OW, cwords];
-    params: [mode, bits, encoding, zero_point, out_bits, out_encoding, out_zero_point]."""
+    params: [mode, bits, encoding, zero_point, out_bits, out_encoding, out_zero_point].
+    One warp per (output row, channel word): N * OH * OW * ceil(C / 32) warps; out_rowsum zeroed first."""
     lane = cuda.threadIdx.x & 31
-    row = cuda.blockIdx.x * WARPS_PER_BLOCK + (cuda.threadIdx.x >> 5)
     N, H, W, C = geometry[0], geometry[1], geometry[2], geometry[3]
     k, stride, pad, OH, OW, cwords = geometry[4], geometry[5], geometry[6], geometry[7], geometry[8], geometry[9]
+    row, word = divmod_u32(cuda.blockIdx.x * WARPS_PER_BLOCK + (cuda.threadIdx.x >> 5), (C + 31) // 32)
     if row >= N * OH * OW:
         return  # whole warps leave together
     mode, bits, enc, zp = params[0], params[1], params[2], params[3]
@@ -63,26 +66,24 @@ def pool_kernel(x, geometry, params, multiplier, out, out_rowsum):
     img, rest = divmod_u32(row, OH * OW)
     oh, ow = divmod_u32(rest, OW)
     rows_in = N * H * W
-    total = int32(0)
-    for word in range((C + 31) // 32):
-        valid = 32 * word + lane < C
-        best = int32(-(1 << 30))
-        acc = int32(0)
-        for r in range(k):
-            for s in range(k):
-                ih = oh * stride - pad + r
-                iw = ow * stride - pad + s
-                if ih >= 0 and ih < H and iw >= 0 and iw < W:
-                    code = code_at(x, rows_in, cwords, bits, enc, (img * H + ih) * W + iw, word, lane)
-                    best = max(best, code)
-                    acc += code - zp
-        if mode == POOL_MAX:
-            pattern = encode_code(best, out_bits, out_enc)
-        else:
-            pattern = quantize_scaled(f32_mul_rn(float32(acc), multiplier), out_zp, lo, hi, out_bits, out_enc)
-        total += store_word(out, N * OH * OW, cwords, out_bits, out_enc, row, word, lane, pattern if valid else 0, valid)
+    valid = 32 * word + lane < C
+    best = int32(-(1 << 30))
+    acc = int32(0)
+    for r in range(k):
+        for s in range(k):
+            ih = oh * stride - pad + r
+            iw = ow * stride - pad + s
+            if ih >= 0 and ih < H and iw >= 0 and iw < W:
+                code = code_at(x, rows_in, cwords, bits, enc, (img * H + ih) * W + iw, word, lane)
+                best = max(best, code)
+                acc += code - zp
+    if mode == POOL_MAX:
+        pattern = encode_code(best, out_bits, out_enc)
+    else:
+        pattern = quantize_scaled(f32_mul_rn(float32(acc), multiplier), out_zp, lo, hi, out_bits, out_enc)
+    total = store_word(out, N * OH * OW, cwords, out_bits, out_enc, row, word, lane, pattern if valid else 0, valid)
     if lane == 0:
-        out_rowsum[row] = total
+        cuda.atomic.add(out_rowsum, row, total)
 
 
 @cuda.jit

@@ -64,7 +64,7 @@ def _encode(layer, key, arrays):
         return d
     if isinstance(layer, Sequential):
         return {"type": kind, "layers": [_encode(m, f"{key}.{i}", arrays) for i, m in enumerate(layer.layers)],
-                "precisions": getattr(layer, "precisions", None)}
+                "precisions": getattr(layer, "precisions", None), "input_act": _act(getattr(layer, "input_act", None))}
     raise TypeError(f"save: no file format for a {kind} layer ({key})")
 
 
@@ -104,6 +104,8 @@ def _decode(d, key, arrays):
         model = Sequential(*[_decode(m, f"{key}.{i}", arrays) for i, m in enumerate(d["layers"])])
         if d.get("precisions") is not None:
             model.precisions = d["precisions"]
+        if d.get("input_act") is not None:  # an imported model's input quantizer
+            model.input_act = _unact(d["input_act"])
         return model
     raise ModelFileError(f"load: unknown layer type {kind!r} at {key}")
 

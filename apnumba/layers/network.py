@@ -44,13 +44,35 @@ class PlanError(ValueError):
     """The model cannot be planned for this input (layers that do not chain, unsupported order, memory)."""
 
 
+@dataclass
+class PlannedTensor:
+    """What a CPU plan knows of a packed tensor: rows x K codes of a precision, and NHWC geometry."""
+
+    shape: tuple
+    precision: object
+    zero_point: int = 0
+    image: tuple = None
+
+    @property
+    def K(self):
+        return self.shape[1]
+
+
 class Network:
     """Plan ``model`` (a Sequential) for input batches of ``input_shape`` = (N, C, H, W) (or (N, H, W, C)
-    with layout "NHWC"), quantized as ``input_act`` (default: 8-bit signed, scale 4/127).  ``tile`` forces one
-    TileConfig on every product (tests, studies); by default each layer takes the cost model's."""
+    with layout "NHWC"), quantized as ``input_act`` (default: the model's ``input_act`` if it has one - an
+    imported model does - else 8-bit signed, scale 4/127).  ``tile`` forces one TileConfig on every product
+    (tests, studies); by default each layer takes the cost model's.
 
-    def __init__(self, model, input_shape, layout="NCHW", input_act=None, stream=None, tile=None):
-        require_gpu()
+    ``device="cpu"`` plans without a GPU: the same steps, checks and float32 epilogue constants, and
+    ``forward`` computes the logits with the numpy twin (what the GPU produces, bit for bit; slow)."""
+
+    def __init__(self, model, input_shape, layout="NCHW", input_act=None, stream=None, tile=None, device="cuda"):
+        if device not in ("cuda", "cpu"):
+            raise ValueError(f"device: expected 'cuda' or 'cpu', got {device!r}")
+        self.on_gpu = device == "cuda"
+        if self.on_gpu:
+            require_gpu()
         if not isinstance(model, Sequential):
             raise TypeError(f"model: expected a Sequential, got {type(model).__name__}")
         if layout not in ("NCHW", "NHWC"):
@@ -59,12 +81,15 @@ class Network:
             raise ValueError(f"input_shape: expected 4 positive sizes, got {input_shape}")
         self.model, self.layout = model, layout
         self.input_shape = tuple(int(v) for v in input_shape)
-        self.input_act = input_act or Act("s8", 4.0 / 127)
-        self.stream = stream or cuda.stream()
+        self.input_act = input_act or getattr(model, "input_act", None) or Act("s8", 4.0 / 127)
         self.tile = tile
         self.steps = []
-        self._check_memory()
-        self.input = cuda.device_array(self.input_shape, np.float32)
+        if self.on_gpu:
+            self.stream = stream or cuda.stream()
+            self._check_memory()
+            self.input = cuda.device_array(self.input_shape, np.float32)
+        else:
+            self.stream, self.input = None, PlannedTensor(self.input_shape, None)
         self._plan()
         self._graph = None
 
@@ -138,10 +163,12 @@ class Network:
 
     def _product(self, layer, bn, relu, final, name, residual=None, pool=False):
         """One Conv2d / Linear with its folded epilogue; returns the output (PackedTensor, Act)."""
+        if final and relu:
+            raise PlanError(f"{name}: the last layer writes float32 logits; a ReLU after it is not supported")
         N = self.input_shape[0]
         first = self.cur is None
         if isinstance(layer, Linear):
-            if self.cur is None or self.cur[0].image is None:
+            if self.cur is None or self.cur[0].image is None or tuple(self.cur[0].image[1:]) != (1, 1):
                 raise PlanError(f"{name}: a Linear needs a flattened input (Flatten first)")
             x, act = self.cur
             features = x.K
@@ -154,16 +181,22 @@ class Network:
                 self.flatten_chw = None
             elif layer.in_features != features:
                 raise PlanError(f"{name}: expects {layer.in_features} features, the input has {features}")
-            weight = PackedConvWeight.from_codes(w_codes.reshape(layer.out_channels, 1, 1, -1), layer.weight_precision)
+            w_codes = w_codes.reshape(layer.out_channels, 1, 1, -1)
             ref_codes = layer.weight.reshape(layer.out_channels, 1, 1, -1)  # the reference flattens in torch's order
             stride, padding = 1, 0
             macs = N * layer.out_channels * layer.in_features
         else:
             if first:
-                x = PackedTensor.from_patches(self.input, layer.kernel_size, layer.stride, layer.padding,
-                                              self.input_act.precision, self.input_act.scale, self.input_act.zero_point,
-                                              self.layout)
                 act = self.input_act
+                if self.on_gpu:
+                    x = PackedTensor.from_patches(self.input, layer.kernel_size, layer.stride, layer.padding,
+                                                  act.precision, act.scale, act.zero_point, self.layout)
+                else:
+                    H, W = self.input_shape[2:] if self.layout == "NCHW" else self.input_shape[1:3]
+                    OH = reference.conv_output_size(H, layer.kernel_size, layer.stride, layer.padding)
+                    OW = reference.conv_output_size(W, layer.kernel_size, layer.stride, layer.padding)
+                    x = PlannedTensor((N * OH * OW, layer.kernel_size ** 2 * layer.in_channels), act.precision,
+                                      act.zero_point, (N, OH, OW))
                 self.steps.append(Step(f"{name} (input pack)", lambda: PackedTensor.from_patches(
                     self.input, layer.kernel_size, layer.stride, layer.padding, out=x, layout=self.layout,
                     stream=self.stream), self._ref_patches(layer), self.input, x))
@@ -174,28 +207,32 @@ class Network:
                 if x.K != layer.in_channels:
                     raise PlanError(f"{name}: expects {layer.in_channels} input channels, the input has {x.K}")
                 w_codes, stride, padding = layer.weight, layer.stride, layer.padding
-            weight = PackedConvWeight.from_codes(w_codes, layer.weight_precision)
             ref_codes = w_codes
-            k = weight.shape[1]
+            k = w_codes.shape[1]
             OH = reference.conv_output_size(x.image[1], k, stride, padding)
             OW = reference.conv_output_size(x.image[2], k, stride, padding)
-            macs = N * OH * OW * layer.out_channels * weight.shape[3] * k * k
+            macs = N * OH * OW * layer.out_channels * w_codes.shape[3] * k * k
+        weight = PackedConvWeight.from_codes(w_codes, layer.weight_precision) if self.on_gpu else None
         out_act = None if final else layer.out_act
         if out_act is None and not final:
             raise PlanError(f"{name}: needs out_act (how its output is quantized) unless it is the last layer")
         res_x, res_act = residual if residual is not None else (None, None)
         scale, bias, res_scale = self._epilogue(layer, bn, act, out_act, res_act)
-        if final:
+        OH = reference.conv_output_size(x.image[1], w_codes.shape[1], stride, padding)
+        OW = reference.conv_output_size(x.image[2], w_codes.shape[1], stride, padding)
+        if pool:
+            if final or OH < 2 or OW < 2:
+                raise PlanError(f"{name}: a 2x2 max pool needs a hidden layer with at least 2x2 output pixels")
+            OH, OW = OH // 2, OW // 2
+        if not self.on_gpu:
+            launch = None
+            out = PlannedTensor((N * OH * OW, layer.out_channels), None if final else out_act.precision,
+                                0 if final else out_act.zero_point, (N, OH, OW))
+        elif final:
             launch = prepare_apconv(x, weight, stride, padding, scale=scale, bias=bias, stream=self.stream,
                                     config=self.tile)
             out = launch.out
         else:
-            OH = reference.conv_output_size(x.image[1], weight.shape[1], stride, padding)
-            OW = reference.conv_output_size(x.image[2], weight.shape[1], stride, padding)
-            if pool:
-                if final or OH < 2 or OW < 2:
-                    raise PlanError(f"{name}: a 2x2 max pool needs a hidden layer with at least 2x2 output pixels")
-                OH, OW = OH // 2, OW // 2
             out = PackedTensor.empty((N * OH * OW, layer.out_channels), out_act.precision, out_act.scale,
                                      out_act.zero_point)
             launch = prepare_apconv(x, weight, stride, padding, out=out, scale=scale, bias=bias, relu=relu,
@@ -207,7 +244,7 @@ class Network:
 
             def ref(codes, results):  # the unfused order: requantize, then torch's MaxPool2d(2, 2) on the codes
                 return reference.max_pool_codes(conv_ref(codes, results), 2, 2, 0)
-        self.steps.append(Step(name, launch, ref, x, out, 2.0 * macs, {"tile": launch.config.short()}))
+        self.steps.append(Step(name, launch, ref, x, out, 2.0 * macs, {"tile": launch.config.short() if launch else ""}))
         self.cur = out if final else (out, out_act)
         return self.cur
 
@@ -228,9 +265,13 @@ class Network:
 
     def _pool(self, layer, name):
         x, act = self.cur
+        N = x.image[0]
+        OH = reference.conv_output_size(x.image[1], layer.kernel_size, layer.stride, layer.padding)
+        OW = reference.conv_output_size(x.image[2], layer.kernel_size, layer.stride, layer.padding)
         if isinstance(layer, MaxPool2d):
-            out = ops.max_pool2d(x, layer.kernel_size, layer.stride, layer.padding, stream=self.stream)
             out_act = act
+            out = (ops.max_pool2d(x, layer.kernel_size, layer.stride, layer.padding, stream=self.stream)
+                   if self.on_gpu else PlannedTensor((N * OH * OW, x.K), act.precision, act.zero_point, (N, OH, OW)))
 
             def run():
                 ops.max_pool2d(x, layer.kernel_size, layer.stride, layer.padding, out=out, stream=self.stream)
@@ -239,10 +280,9 @@ class Network:
                 return reference.max_pool_codes(codes, layer.kernel_size, layer.stride, layer.padding)
         else:
             out_act = layer.out_act or act
-            N = x.image[0]
-            OH = reference.conv_output_size(x.image[1], layer.kernel_size, layer.stride, layer.padding)
-            OW = reference.conv_output_size(x.image[2], layer.kernel_size, layer.stride, layer.padding)
-            out = PackedTensor.empty((N * OH * OW, x.K), out_act.precision, out_act.scale, out_act.zero_point)
+            out = (PackedTensor.empty((N * OH * OW, x.K), out_act.precision, out_act.scale, out_act.zero_point)
+                   if self.on_gpu else PlannedTensor((N * OH * OW, x.K), out_act.precision, out_act.zero_point,
+                                                     (N, OH, OW)))
 
             def run():
                 ops.avg_pool2d(x, layer.kernel_size, layer.stride, layer.padding, out=out, stream=self.stream)
@@ -252,7 +292,8 @@ class Network:
             def ref(codes, results):
                 return reference.avg_pool_codes(codes, layer.kernel_size, layer.stride, layer.padding, act.precision,
                                                 act.zero_point, multiplier, out_act.precision, out_act.zero_point)
-        run()
+        if self.on_gpu:
+            run()
         self.steps.append(Step(name, run, ref, x, out))
         self.cur = (out, out_act)
 
@@ -260,7 +301,14 @@ class Network:
         x, act = self.cur
         N, H, W = x.image
         self.flatten_chw = (x.K, H, W)
-        flat = ops.flatten(x, stream=self.stream)  # a view of x's words; its row sums are recomputed per pass
+        try:
+            ops.check_flattenable(x.precision, x.zero_point)
+        except ValueError as e:
+            raise PlanError(f"{name}: {e}") from None
+        if self.on_gpu:
+            flat = ops.flatten(x, stream=self.stream)  # a view of x's words; its row sums are recomputed per pass
+        else:
+            flat = PlannedTensor((N, H * W * 32 * -(-x.K // 32)), x.precision, x.zero_point)
         flat.image = (N, 1, 1)
 
         def run():
@@ -308,13 +356,16 @@ class Network:
 
     # ---------------------------------------------------------------- running
 
-    def _feed(self, x):
-        if x is self.input:
-            return
+    def _check_input(self, x):
         if tuple(x.shape) != self.input_shape:
             raise ValueError(f"x: expected shape {self.input_shape} ({self.layout}), got {tuple(x.shape)}")
         if np.dtype(x.dtype) not in (np.dtype(np.float32), np.dtype(np.float16)):
             raise TypeError(f"x: expected float32 or float16, got {np.dtype(x.dtype).name}")
+
+    def _feed(self, x):
+        if x is self.input:
+            return
+        self._check_input(x)
         if is_device_array(x):
             if np.dtype(x.dtype) != np.float32:
                 raise TypeError("x: a device input must be float32 (or copy it into network.input yourself)")
@@ -323,7 +374,11 @@ class Network:
             self.input.copy_to_device(np.ascontiguousarray(x, np.float32), stream=self.stream)
 
     def forward(self, x, sync=True):
-        """Logits (N, classes) as a float32 device array (the same buffer every pass)."""
+        """Logits (N, classes) as a float32 device array (the same buffer every pass); with device="cpu",
+        a numpy array from the numpy twin."""
+        if not self.on_gpu:
+            self._check_input(x)
+            return self.reference(np.asarray(x, np.float32))
         self._feed(x)
         if self._graph is not None:
             self._graph.replay()
@@ -336,8 +391,13 @@ class Network:
 
     __call__ = forward
 
+    def _require_gpu_plan(self, what):
+        if not self.on_gpu:
+            raise RuntimeError(f"{what}: this network was planned with device='cpu'; plan it with device='cuda'")
+
     def capture(self):
         """Record one forward pass (without the input copy) as a CUDA graph; later passes replay it."""
+        self._require_gpu_plan("capture")
         for step in self.steps:  # warm: everything compiled and allocated before the capture
             step.run()
         self.stream.synchronize()
@@ -350,15 +410,20 @@ class Network:
     def layer_times(self, repeats=10):
         """GPU microseconds of each step: ``repeats`` calls of the step alone captured in a CUDA graph,
         replayed and timed by events (so Python dispatch is not counted); [(name, us, logical ops)]."""
+        self._require_gpu_plan("layer_times")
         return [(step.name, gpu_time_per_call(self.stream, step.run, calls=repeats, replays=3), step.ops)
                 for step in self.steps]
 
-    def reference(self, x):
-        """The logits the GPU must produce, from numpy (same codes, same float32 epilogue constants)."""
+    def reference(self, x, intermediates=False):
+        """The logits the GPU must produce, from numpy (same codes, same float32 epilogue constants).
+        With ``intermediates``, also every step's output: [(step name, codes (N, H, W, C) or logits)]."""
         results = {id(self.input): np.asarray(x, np.float32)}
         for step in self.steps:
             results[id(step.out)] = step.ref(results[id(step.src)], results)
-        return results[id(self.logits)].reshape(self.input_shape[0], -1)
+        logits = results[id(self.logits)].reshape(self.input_shape[0], -1)
+        if intermediates:
+            return logits, [(step.name, results[id(step.out)]) for step in self.steps]
+        return logits
 
     def describe(self):
         return [(s.name, s.ops, s.extra.get("tile", "")) for s in self.steps]
