@@ -558,7 +558,11 @@ def section_nets(args, report):
     torch = torch_or_none()
     bits = args.bits or (["w1a2"] if args.quick else ["w1a2", "w2a2"])
     batches = args.batch or ([8] if args.quick else [8, 256])
-    cases = [(name, b, N) for name in MODELS for b in bits for N in batches]
+    names = args.models or list(MODELS)
+    unknown = sorted(set(names) - set(MODELS))
+    if unknown:
+        raise SystemExit(f"--models: unknown {unknown}; expected some of {sorted(MODELS)}")
+    cases = [(name, b, N) for name in names for b in bits for N in batches]
     rows = []
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task("nets", total=len(cases))
@@ -631,6 +635,8 @@ def main(argv=None):
     parser.add_argument("--json", metavar="FILE", help="write every figure, the card, versions and the peak to FILE")
     parser.add_argument("--bits", nargs="+", metavar="wXaY", help="bit widths to run, e.g. w1a2 w2a2")
     parser.add_argument("--batch", nargs="+", type=int, metavar="B", help="batch sizes for the FC / network cases")
+    parser.add_argument("--models", nargs="+", metavar="NAME", help="networks of the 'nets' section (default all): "
+                        "alexnet vgg resnet18")
     parser.add_argument("--apnn-convention", action="store_true",
                         help="nets: quantize every layer at wXaY, first and last too (as APNN-TC measured)")
     parser.add_argument("--shape", nargs=4, metavar=("wXaY", "M", "N", "K"), help="the shape of the 'study' section")

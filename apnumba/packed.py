@@ -143,9 +143,10 @@ class PackedTensor:
             out._scale_dev = cuda.to_device(out.scale[:1])
         geometry = _cached_i32((N, H, W, C, k, k, int(stride), int(padding), OH, OW))
         grid = -(-shape[0] // pack_kernels.WARPS_PER_BLOCK)
-        pack_kernels.pack_patches_kernel[grid, 32 * pack_kernels.WARPS_PER_BLOCK, _launch_stream(stream)](
-            x.reshape(x.size), geometry, _cached_i32(strides), out._scale_dev, out.zero_point, out.bits,
-            out.precision.encoding.code, out.words.reshape(out.words.size), out.kwords, out.rowsum,
+        kernel = pack_kernels.pack_patches_kernel(out.bits, out.precision.encoding.code)
+        kernel[grid, 32 * pack_kernels.WARPS_PER_BLOCK, _launch_stream(stream)](
+            x.reshape(x.size), geometry, _cached_i32(strides), out._scale_dev, out.zero_point,
+            out.words.reshape(out.words.size), out.kwords, out.rowsum,
         )
         return out
 

@@ -78,11 +78,16 @@ def test_pack_kernels(cc, dtype):
         pack.unpack_rows_kernel.py_func, "void(uint32[::1], int32, int32, int32, int32, int32, int32[::1])", cc
     )
     check_clean(u, bmma=None)
-    f = sass.compile_kernel(
-        pack.pack_patches_kernel.py_func,
-        f"void({dtype}[::1], int32[::1], int32[::1], float32[::1], int32, int32, int32, uint32[::1], int32, int32[::1])", cc,
-    )
-    check_clean(f, bmma=None, calls_ok=True)
+    for bits, enc in ((8, pack.ENC_SIGNED), (2, pack.ENC_UNSIGNED), (1, pack.ENC_BINARY)):
+        f = sass.compile_kernel(
+            pack.pack_patches_kernel(bits, enc).py_func,
+            f"void({dtype}[::1], int32[::1], int32[::1], float32[::1], int32, uint32[::1], int32, int32[::1])", cc,
+        )
+        check_clean(f, bmma=None, calls_ok=True)
+        # The plane loop unrolled (at least one ballot a plane in the code), and one store of a plane word
+        # per lane, not one per plane (LLVM may unroll the word loop once more: up to 4 stores in all).
+        ops = f.opcodes()
+        assert ops["VOTE.ANY"] >= bits and ops["STG.E"] <= 4, (ops["VOTE.ANY"], ops["STG.E"])
 
 
 # The specialisations the library ships by default: every (p, q) at its large-problem tile,

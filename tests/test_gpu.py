@@ -261,7 +261,8 @@ def test_layer_times_and_a_saved_model_run(rng, tmp_path):
 # ---------------------------------------------------------------- imported torch models (issue 6)
 
 def test_an_imported_torch_model_runs_exactly_on_the_gpu(rng):
-    torch = pytest.importorskip("torch")
+    pytest.importorskip("torch")
+    from apnumba.layers import Network
     from apnumba.layers.importer import compare, from_torch
     from tests.test_import import small_cnn, trained
 
@@ -270,11 +271,11 @@ def test_an_imported_torch_model_runs_exactly_on_the_gpu(rng):
         imported = from_torch(model)
         net = check_network(rng, imported, (8, 3, 11, 11), capture=True)  # GPU == numpy twin == CPU plan
         x = rng.standard_normal((8, 3, 11, 11)).astype(np.float32)
-        report = compare(model, imported, x)
+        report = compare(model.cuda(), imported, x)  # a torch model on the GPU: compared from a CPU copy
         assert all(s.differ == 0 for s in report.steps), report.table()
-        with torch.no_grad():
-            expect = model(torch.from_numpy(x)).argmax(1).numpy()
-        assert (net.forward(x).copy_to_host().argmax(1) == expect).all()
+        assert report.predictions_agree == 8
+        assert (net.forward(x).copy_to_host() == Network(imported, x.shape, device="cpu").forward(x)).all()
+        assert from_torch(model).layers[0].weight.shape == imported.layers[0].weight.shape  # imports from the GPU
 
 
 def test_digits_example_on_the_gpu():

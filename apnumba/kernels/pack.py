@@ -18,7 +18,9 @@ The quantizer arithmetic is the reference's, operation for operation
 (IEEE float32 division, ``rint``, clamp), so codes match it bit for bit.
 """
 
-from numba import cuda, float32, int32
+import functools
+
+from numba import cuda, float32, int32, uint32
 
 from .ptx import ballot, divmod_u32, f32_div_rn, f32_rint, popc32
 
@@ -119,47 +121,59 @@ def unpack_rows_kernel(words, rows, K, kwords, bits, encoding, codes):
     codes[row * K + k] = v
 
 
-@cuda.jit
-def pack_patches_kernel(x, geometry, strides, scale, zero_point, bits, encoding, words, kwords, rowsum):
-    """A network's first layer: quantize float images and pack each output pixel's receptive field.
+@functools.lru_cache(maxsize=None)
+def pack_patches_kernel(bits, encoding):
+    """The first-layer packer for one precision (``bits`` and ``encoding`` are compile-time constants:
+    the plane loop unrolls and each plane's weight folds - the kernel is instruction bound)."""
 
-    Row = output pixel (n, oh, ow); k = (r * S + s) * C + c, densely (a 3-channel 7x7 stem has 147
-    features: one 256-bit step, not 49 padded taps); taps outside the image are the value 0.  The
-    layer then runs as a 1x1 convolution over these rows.  One warp per row, one word per lane-sweep:
-    lane l quantizes feature 32 w + l, one ballot per plane packs it; the warp writes the row sum.
+    @cuda.jit
+    def kernel(x, geometry, strides, scale, zero_point, words, kwords, rowsum):
+        """A network's first layer: quantize float images and pack each output pixel's receptive field.
 
-    geometry: [N, H, W, C, R, S, stride, padding, OH, OW]; strides: element strides of x's (n, h, w, c)
-    (NCHW or NHWC float32/float16 input alike).  scale: one float32.
-    """
-    lane = cuda.threadIdx.x & 31
-    row = cuda.blockIdx.x * WARPS_PER_BLOCK + (cuda.threadIdx.x >> 5)
-    N, H, W, C = geometry[0], geometry[1], geometry[2], geometry[3]
-    R, S, stride, pad, OH, OW = geometry[4], geometry[5], geometry[6], geometry[7], geometry[8], geometry[9]
-    if row >= N * OH * OW:
-        return  # whole warps leave together
-    img, rest = divmod_u32(row, OH * OW)
-    oh, ow = divmod_u32(rest, OW)
-    features = R * S * C
-    lo, hi = code_range(bits, encoding)
-    s = float32(scale[0])
-    total = int32(0)
-    for word in range((features + 31) // 32):  # the padding words past the features stay zero from allocation
-        k = word * 32 + lane
-        tap, c = divmod_u32(min(k, features - 1), C)
-        r, t = divmod_u32(tap, S)
-        ih = oh * stride - pad + r
-        iw = ow * stride - pad + t
-        inside = ih >= 0 and ih < H and iw >= 0 and iw < W
-        at = img * strides[0] + min(max(ih, 0), H - 1) * strides[1] + min(max(iw, 0), W - 1) * strides[2] + c * strides[3]
-        v = float32(x[at]) if inside else float32(0)
-        pattern = quantize_pattern(v, s, zero_point, lo, hi, bits, encoding)
-        pattern = pattern if k < features else int32(0)
-        for j in range(bits):
-            plane_word = ballot((pattern >> j) & 1)
-            if lane == j:
-                words[(j * N * OH * OW + row) * kwords + word] = plane_word
-            total += plane_coef(j, bits, encoding) * popc32(plane_word)
-        if encoding == ENC_BINARY:
-            total -= popc32(ballot(k < features))
-    if lane == 0:
-        rowsum[row] = total
+        Row = output pixel (n, oh, ow); k = (r * S + s) * C + c, densely (a 3-channel 7x7 stem has 147
+        features: one 256-bit step, not 49 padded taps); taps outside the image are the value 0.  The
+        layer then runs as a 1x1 convolution over these rows.  One warp per row, one word per lane-sweep:
+        lane l quantizes feature 32 w + l, one ballot per plane packs it, lane j keeps plane j's word and
+        stores it (one store per lane); the warp writes the row sum.
+
+        geometry: [N, H, W, C, R, S, stride, padding, OH, OW]; strides: element strides of x's (n, h, w, c)
+        (NCHW or NHWC float32/float16 input alike).  scale: one float32.
+        """
+        lane = cuda.threadIdx.x & 31
+        row = cuda.blockIdx.x * WARPS_PER_BLOCK + (cuda.threadIdx.x >> 5)
+        N, H, W, C = geometry[0], geometry[1], geometry[2], geometry[3]
+        R, S, stride, pad, OH, OW = geometry[4], geometry[5], geometry[6], geometry[7], geometry[8], geometry[9]
+        if row >= N * OH * OW:
+            return  # whole warps leave together
+        img, rest = divmod_u32(row, OH * OW)
+        oh, ow = divmod_u32(rest, OW)
+        features = R * S * C
+        lo, hi = code_range(bits, encoding)
+        s = float32(scale[0])
+        total = int32(0)
+        plane_stride = N * OH * OW * kwords
+        for word in range((features + 31) // 32):  # the padding words past the features stay zero from allocation
+            k = word * 32 + lane
+            tap, c = divmod_u32(min(k, features - 1), C)
+            r, t = divmod_u32(tap, S)
+            ih = oh * stride - pad + r
+            iw = ow * stride - pad + t
+            inside = ih >= 0 and ih < H and iw >= 0 and iw < W
+            at = (img * strides[0] + min(max(ih, 0), H - 1) * strides[1] + min(max(iw, 0), W - 1) * strides[2]
+                  + c * strides[3])
+            v = float32(x[at]) if inside else float32(0)
+            pattern = quantize_pattern(v, s, zero_point, lo, hi, bits, encoding)
+            pattern = pattern if k < features else int32(0)
+            mine = uint32(0)
+            for j in range(bits):
+                plane_word = ballot((pattern >> j) & 1)
+                mine = plane_word if lane == j else mine
+                total += plane_coef(j, bits, encoding) * popc32(plane_word)
+            if lane < bits:
+                words[lane * plane_stride + row * kwords + word] = mine
+            if encoding == ENC_BINARY:
+                total -= popc32(ballot(k < features))
+        if lane == 0:
+            rowsum[row] = total
+
+    return kernel

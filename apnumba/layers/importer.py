@@ -23,6 +23,7 @@ values of torch's sat near a rounding tie (where float rounding may pick either 
 else: a quantizer that does not behave as documented is detected, not silently mis-imported.
 """
 
+import copy
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -262,7 +263,7 @@ class Comparison:
 
 
 def compare(torch_model, model, x, layout="NCHW", tie_window=2e-5):
-    """Run the torch model (eval mode, CPU, float32) and ``model`` (apnumba's numpy twin of its GPU plan) on
+    """Run (a CPU float32 copy of) the torch model in eval mode and ``model`` (apnumba's numpy twin of its GPU plan) on
     images ``x`` and compare every step's integer activations, the logits and the predictions.  A torch
     value v (in code units) counts as near a tie when |frac(v) - 0.5| < tie_window * max(1, |v|): about
     a hundred float32 ulps, far more than the two quantizers' rounding can differ by."""
@@ -273,6 +274,8 @@ def compare(torch_model, model, x, layout="NCHW", tie_window=2e-5):
         raise ValueError("model: compare needs a model made by from_torch (it maps steps to torch layers)")
     net = Network(model, x.shape, layout=layout, device="cpu")
     logits, steps = net.reference(x, intermediates=True)
+    # On the CPU in float32, whatever the model was trained on: a GPU's TF32 convolutions would round more.
+    torch_model = copy.deepcopy(torch_model).cpu().float()
     modules = dict(_leaves(torch_model))
     seen = {}
 
@@ -282,7 +285,6 @@ def compare(torch_model, model, x, layout="NCHW", tie_window=2e-5):
         return hook
 
     handles = [m.register_forward_hook(keep(n)) for n, m in modules.items()]
-    was_training = torch_model.training
     torch_model.eval()
     try:
         with torch.no_grad():
@@ -291,7 +293,6 @@ def compare(torch_model, model, x, layout="NCHW", tie_window=2e-5):
     finally:
         for h in handles:
             h.remove()
-        torch_model.train(was_training)
     names = list(modules)
     rows = []
     for step_name, got in steps[:-1]:  # the last step's logits are compared below
