@@ -137,7 +137,7 @@ def main(argv=None):
         ours = logits.argmax(1)
         agree_everywhere &= bool((ours == fq).all())
         print(f"{bits} fake-quant      test accuracy {(fq == y_test).mean():.2%}   ({time.time() - t0:.0f} s to train)")
-        print(f"{bits} apnumba ({args.device:4}) test accuracy {(ours == y_test).mean():.2%}   predictions equal to "
+        print(f"{bits} apnumba ({args.device}) test accuracy {(ours == y_test).mean():.2%}   predictions equal to "
               f"the fake-quant model's on {(ours == fq).sum()} of {len(fq)} test images")
         if args.save:
             from apnumba.layers import save

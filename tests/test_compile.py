@@ -161,8 +161,18 @@ def _check_apconv(p, q, shape, out):
     print(f"apconv w{p}a{q} {cfg.short()} {out}: {c.registers} registers")
 
 
+@pytest.mark.parametrize("mode,bits,enc,out_bits,out_enc", [(0, 2, 0, 2, 0), (1, 8, 1, 4, 0), (0, 1, 2, 1, 2)])
+def test_pool_kernels(mode, bits, enc, out_bits, out_enc):
+    from apnumba.kernels import packed_ops
+
+    kernel = packed_ops.pool_kernel(mode, bits, enc, out_bits, out_enc)
+    c = sass.compile_kernel(kernel.py_func, "void(uint32[::1], int32[::1], int32[::1], float32, uint32[::1], int32[::1])",
+                            (9, 0))
+    check_clean(c, bmma=None)
+    assert c.opcodes()["VOTE.ANY"] >= out_bits  # the output planes' ballots unrolled
+
+
 @pytest.mark.parametrize("name,sig", [
-    ("pool_kernel", "void(uint32[::1], int32[::1], int32[::1], float32, uint32[::1], int32[::1])"),
     ("add_kernel", "void(uint32[::1], uint32[::1], int32, int32, int32, int32[::1], float32, float32, uint32[::1], int32[::1])"),
     ("image_rowsum_kernel", "void(int32[::1], int32, int32, int32[::1])"),
     ("requantize_kernel", "void(int32[::1], int32, int32, int32, float32[::1], float32[::1], int32[::1], uint32[::1], int32[::1])"),

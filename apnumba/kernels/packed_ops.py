@@ -9,6 +9,8 @@ each).  Words past the channels are left alone: packed buffers are allocated zer
 writes their padding.
 """
 
+import functools
+
 from numba import cuda, float32, int32
 
 from .pack import ENC_BINARY, code_range, plane_coef, quantize_scaled
@@ -49,41 +51,47 @@ def store_word(out, rows, cwords, bits, encoding, row, word, lane, pattern, vali
     return total
 
 
-@cuda.jit
-def pool_kernel(x, geometry, params, multiplier, out, out_rowsum):
-    """geometry: [N, H, W, C, kernel, stride, padding, OH, OW, cwords];
-    params: [mode, bits, encoding, zero_point, out_bits, out_encoding, out_zero_point].
-    One warp per (output row, channel word): N * OH * OW * ceil(C / 32) warps; out_rowsum zeroed first."""
-    lane = cuda.threadIdx.x & 31
-    N, H, W, C = geometry[0], geometry[1], geometry[2], geometry[3]
-    k, stride, pad, OH, OW, cwords = geometry[4], geometry[5], geometry[6], geometry[7], geometry[8], geometry[9]
-    row, word = divmod_u32(cuda.blockIdx.x * WARPS_PER_BLOCK + (cuda.threadIdx.x >> 5), (C + 31) // 32)
-    if row >= N * OH * OW:
-        return  # whole warps leave together
-    mode, bits, enc, zp = params[0], params[1], params[2], params[3]
-    out_bits, out_enc, out_zp = params[4], params[5], params[6]
-    lo, hi = code_range(out_bits, out_enc)
-    img, rest = divmod_u32(row, OH * OW)
-    oh, ow = divmod_u32(rest, OW)
-    rows_in = N * H * W
-    valid = 32 * word + lane < C
-    best = int32(-(1 << 30))
-    acc = int32(0)
-    for r in range(k):
-        for s in range(k):
-            ih = oh * stride - pad + r
-            iw = ow * stride - pad + s
-            if ih >= 0 and ih < H and iw >= 0 and iw < W:
-                code = code_at(x, rows_in, cwords, bits, enc, (img * H + ih) * W + iw, word, lane)
-                best = max(best, code)
-                acc += code - zp
-    if mode == POOL_MAX:
-        pattern = encode_code(best, out_bits, out_enc)
-    else:
-        pattern = quantize_scaled(f32_mul_rn(float32(acc), multiplier), out_zp, lo, hi, out_bits, out_enc)
-    total = store_word(out, N * OH * OW, cwords, out_bits, out_enc, row, word, lane, pattern if valid else 0, valid)
-    if lane == 0:
-        cuda.atomic.add(out_rowsum, row, total)
+@functools.lru_cache(maxsize=None)
+def pool_kernel(mode, bits, enc, out_bits, out_enc):
+    """The pooling kernel for one (mode, input precision, output precision): compile-time constants, so
+    the plane loops unroll and the planes' weights fold (the kernel is instruction bound)."""
+
+    @cuda.jit
+    def kernel(x, geometry, params, multiplier, out, out_rowsum):
+        """geometry: [N, H, W, C, kernel, stride, padding, OH, OW, cwords]; params: [zero_point, out_zero_point].
+        One warp per (output row, channel word): N * OH * OW * ceil(C / 32) warps; out_rowsum zeroed first."""
+        lane = cuda.threadIdx.x & 31
+        N, H, W, C = geometry[0], geometry[1], geometry[2], geometry[3]
+        k, stride, pad, OH, OW, cwords = geometry[4], geometry[5], geometry[6], geometry[7], geometry[8], geometry[9]
+        row, word = divmod_u32(cuda.blockIdx.x * WARPS_PER_BLOCK + (cuda.threadIdx.x >> 5), (C + 31) // 32)
+        if row >= N * OH * OW:
+            return  # whole warps leave together
+        zp, out_zp = params[0], params[1]
+        lo, hi = code_range(out_bits, out_enc)
+        img, rest = divmod_u32(row, OH * OW)
+        oh, ow = divmod_u32(rest, OW)
+        rows_in = N * H * W
+        valid = 32 * word + lane < C
+        best = int32(-(1 << 30))
+        acc = int32(0)
+        for r in range(k):
+            for s in range(k):
+                ih = oh * stride - pad + r
+                iw = ow * stride - pad + s
+                if ih >= 0 and ih < H and iw >= 0 and iw < W:
+                    code = code_at(x, rows_in, cwords, bits, enc, (img * H + ih) * W + iw, word, lane)
+                    best = max(best, code)
+                    acc += code - zp
+        if mode == POOL_MAX:
+            pattern = encode_code(best, out_bits, out_enc)
+        else:
+            pattern = quantize_scaled(f32_mul_rn(float32(acc), multiplier), out_zp, lo, hi, out_bits, out_enc)
+        total = store_word(out, N * OH * OW, cwords, out_bits, out_enc, row, word, lane, pattern if valid else 0,
+                           valid)
+        if lane == 0:
+            cuda.atomic.add(out_rowsum, row, total)
+
+    return kernel
 
 
 @cuda.jit
