@@ -284,15 +284,11 @@ def compare(torch_model, model, x, layout="NCHW", tie_window=2e-5):
             seen[name] = (inputs[0].detach(), output.detach())
         return hook
 
-    handles = [m.register_forward_hook(keep(n)) for n, m in modules.items()]
-    torch_model.eval()
-    try:
-        with torch.no_grad():
-            xt = torch.from_numpy(x if layout == "NCHW" else x.transpose(0, 3, 1, 2).copy())
-            torch_logits = torch_model(xt).numpy()
-    finally:
-        for h in handles:
-            h.remove()
+    for n, m in modules.items():  # hooks on the copy: nothing to remove afterwards
+        m.register_forward_hook(keep(n))
+    with torch.no_grad():
+        xt = torch.from_numpy(x if layout == "NCHW" else x.transpose(0, 3, 1, 2).copy())
+        torch_logits = torch_model.eval()(xt).numpy()
     names = list(modules)
     rows = []
     for step_name, got in steps[:-1]:  # the last step's logits are compared below

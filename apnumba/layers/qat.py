@@ -154,13 +154,12 @@ class QuantAct(nn.Module):
         return f"bits={self.bits}, signed={self.signed}, scale={float(self.scale):.6g}"
 
 
-class QuantConv2d(nn.Conv2d):
-    """torch.nn.Conv2d whose weights are quantized to ``weight_bits`` per output channel (see the module doc)."""
+class _QuantizedWeight:
+    """What QuantConv2d and QuantLinear share: the weight quantizer and its bits."""
 
     quantizer = QUANTIZER
 
-    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, bias=True, *, weight_bits=2):
-        super().__init__(in_channels, out_channels, kernel_size, stride, padding, bias=bias)
+    def _set_weight_bits(self, weight_bits):
         _check_bits("weight_bits", weight_bits)
         self.weight_bits = weight_bits
 
@@ -168,34 +167,36 @@ class QuantConv2d(nn.Conv2d):
         """(codes, per-channel scales) of the current weights - what the importer packs."""
         return weight_codes(self.weight, self.weight_bits)
 
-    def forward(self, x):
-        if self.weight_bits is None:
-            return super().forward(x)
+    def fake_quantized_weight(self):
+        """codes * scale, shaped like the weights (what the training forward pass multiplies by)."""
         codes, scale = self.quantized_weight()
-        return F.conv2d(x, codes * scale[:, None, None, None], self.bias, self.stride, self.padding)
+        return codes * scale.reshape(-1, *(1,) * (codes.dim() - 1))
 
     def extra_repr(self):
         return super().extra_repr() + f", weight_bits={self.weight_bits}"
 
 
-class QuantLinear(nn.Linear):
-    """torch.nn.Linear whose weights are quantized to ``weight_bits`` per output feature (see the module doc)."""
+class QuantConv2d(_QuantizedWeight, nn.Conv2d):
+    """torch.nn.Conv2d whose weights are quantized to ``weight_bits`` per output channel (see the module doc)."""
 
-    quantizer = QUANTIZER
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, bias=True, *, weight_bits=2):
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, bias=bias)
+        self._set_weight_bits(weight_bits)
+
+    def forward(self, x):
+        if self.weight_bits is None:
+            return super().forward(x)
+        return F.conv2d(x, self.fake_quantized_weight(), self.bias, self.stride, self.padding)
+
+
+class QuantLinear(_QuantizedWeight, nn.Linear):
+    """torch.nn.Linear whose weights are quantized to ``weight_bits`` per output feature (see the module doc)."""
 
     def __init__(self, in_features, out_features, bias=True, *, weight_bits=2):
         super().__init__(in_features, out_features, bias=bias)
-        _check_bits("weight_bits", weight_bits)
-        self.weight_bits = weight_bits
-
-    def quantized_weight(self):
-        return weight_codes(self.weight, self.weight_bits)
+        self._set_weight_bits(weight_bits)
 
     def forward(self, x):
         if self.weight_bits is None:
             return super().forward(x)
-        codes, scale = self.quantized_weight()
-        return F.linear(x, codes * scale[:, None], self.bias)
-
-    def extra_repr(self):
-        return super().extra_repr() + f", weight_bits={self.weight_bits}"
+        return F.linear(x, self.fake_quantized_weight(), self.bias)
