@@ -21,31 +21,35 @@ from .precision import Precision, check_zero_point, normalize_scale
 
 
 class PackedConvWeight:
-    """Weights (K, R, S, C) packed for APConv: rows k, R*S taps each of ``cwords`` words (reference.py)."""
+    """Weights (K, R, S, C) packed for APConv: rows k, R*S taps each of ``cwords`` words (reference.py);
+    ``packing`` "bits" (planes) or "bytes" (int8 values, for byte-packed activations)."""
 
-    def __init__(self, words, rowsum, tap_sums, shape, precision, scale=1.0, zero_point=0):
+    def __init__(self, words, rowsum, tap_sums, shape, precision, scale=1.0, zero_point=0, packing="bits"):
         self.precision = Precision.parse(precision)
+        self.packing = reference.check_packing(packing)
         self.shape = tuple(int(v) for v in shape)
         K, R, S, C = self.shape
-        self.cwords = reference.padded_words(C)
+        self.cwords = reference.padded_words(C, packing)
         self.kwords = R * S * self.cwords
-        if tuple(words.shape) != (self.precision.bits, K, self.kwords):
-            raise ValueError(f"words: expected {(self.precision.bits, K, self.kwords)}, got {tuple(words.shape)}")
+        expect = (self.planes, K, self.kwords)
+        if tuple(words.shape) != expect:
+            raise ValueError(f"words: expected {expect}, got {tuple(words.shape)}")
         self.words, self.rowsum, self.tap_sums = words, rowsum, tap_sums
         self.scale = normalize_scale(scale, K)
         self.zero_point = check_zero_point(self.precision, zero_point)
 
     out_channels = property(lambda self: self.shape[0])
+    planes = property(lambda self: reference.planes(self.precision, self.packing))
 
     @classmethod
-    def from_codes(cls, codes, precision, scale=1.0, zero_point=0):
+    def from_codes(cls, codes, precision, scale=1.0, zero_point=0, packing="bits"):
         """Pack host integer codes (K, R, S, C) and upload them (once, at load)."""
         require_gpu()
         precision = Precision.parse(precision)
         codes = precision.check_codes(np.asarray(codes), "codes")
-        words, rowsum, taps = reference.pack_conv_weight(codes, precision)
+        words, rowsum, taps = reference.pack_conv_weight(codes, precision, packing)
         return cls(cuda.to_device(words), cuda.to_device(rowsum), cuda.to_device(taps.ravel()), codes.shape,
-                   precision, scale, zero_point)
+                   precision, scale, zero_point, packing)
 
 
 _OUT_TYPES = {"i32": int32, "f32": float32, "pack": uint32, "pack_max": uint32, "pack_avg": uint32}
@@ -59,8 +63,8 @@ def _signature(out):
 
 
 @functools.lru_cache(maxsize=None)
-def launcher(p, q, config, out):
-    return CompiledKernel(apconv_kernel(p, q, config, out), _signature(out), config.shared_bytes(p, q, True))
+def launcher(p, q, config, out, mma="b1", epilogue=None):
+    return CompiledKernel(apconv_kernel(p, q, config, out, mma, epilogue), _signature(out), config.shared_bytes(p, q, True))
 
 
 @functools.lru_cache(maxsize=None)
@@ -118,6 +122,8 @@ def prepare_apconv(x, w, stride=1, padding=0, *, out=None, scale=None, bias=None
     N, H, W = x.image
     if x.K != C:
         raise ValueError(f"x, w: x has {x.K} channels, w expects {C}")
+    if x.packing != w.packing:
+        raise ValueError(f"x, w: packings differ: x is {x.packing!r}, w is {w.packing!r} (both bits or both bytes)")
     for name, v, least in (("stride", stride, 1), ("padding", padding, 0)):
         if int(v) != v or v < least:
             raise ValueError(f"{name}: expected an integer >= {least}, got {v!r}")
@@ -139,11 +145,13 @@ def prepare_apconv(x, w, stride=1, padding=0, *, out=None, scale=None, bias=None
         if out.shape != (out_rows, K):
             raise ValueError(f"out: expected a PackedTensor of shape {(out_rows, K)}, got {out.shape}")
         kind = f"pack_{pool}" if pool else "pack"
+        out.require_bits("out", "the fused epilogue's pack")
         epi = [out.bits, out.precision.encoding.code, out.zero_point, int(bool(relu)), 0, 0, 0, out.kwords, 0]
         res_words = _dummy(np.uint32)
         if residual is not None:
             if not isinstance(residual, PackedTensor) or residual.shape != (Npix, K):
                 raise ValueError(f"residual: expected a PackedTensor of shape {(Npix, K)}")
+            residual.require_bits("residual", "the fused epilogue's residual add")
             epi[4:7] = [residual.bits, residual.precision.encoding.code, residual.zero_point]
             epi[8] = residual.kwords
             res_words = residual.words
@@ -160,20 +168,23 @@ def prepare_apconv(x, w, stride=1, padding=0, *, out=None, scale=None, bias=None
         elif tuple(out.shape) != shape or np.dtype(out.dtype) != dtype:
             raise ValueError(f"out: expected {np.dtype(dtype).name} {shape}, got {np.dtype(out.dtype).name} {tuple(out.shape)}")
         y, y_rowsum, res_words, epi = out, _dummy(np.int32), _dummy(np.uint32), [0] * 9
-    p, q = w.precision.bits, x.precision.bits
+    p, q, packing = w.planes, x.planes, x.packing
+    mma = reference.mma_kind(w.precision, x.precision, packing)
     cfg = config or conv_config(p, q, M, Npix, w.kwords * 32, packed)
-    dw, dx = w.precision.offset, x.precision.offset
+    dw, dx = reference.operand_coef(w.precision, packing)[1], reference.operand_coef(x.precision, packing)[1]
     ew, ex = dw - w.zero_point, dx - x.zero_point
-    bound = launcher(p, q, cfg, kind).bind(
+    whole_rows = M <= cfg.block_m  # one block holds every channel of a pixel: it stores the row sum
+    epilogue = (epi[0], epi[1], epi[4], epi[5], whole_rows) if packed else None
+    bound = launcher(p, q, cfg, kind, mma, epilogue).bind(
         (-(-Npix // cfg.block_n), -(-M // cfg.block_m)), (cfg.threads,), stream,
         (w.words, x.words, M, Npix, w.kwords, _geometry((H, W, w.cwords, R, S, int(stride), int(padding), OH, OW, C)),
-         _coef(w.precision), _coef(x.precision), ex, ew, ew * ex - ex * dw - ew * dx, w.rowsum, w.tap_sums, x.rowsum,
+         _coef(w.precision, packing), _coef(x.precision, packing), ex, ew, ew * ex - ex * dw - ew * dx, w.rowsum, w.tap_sums, x.rowsum,
          _vector(scale, K, "scale", ones), _vector(bias, K, "bias", zeros), y, y_rowsum,
          _geometry(tuple(int(v) for v in epi)), res_words, float(residual_scale)),
     )
 
     def launch():
-        if packed:  # the epilogue adds each block's row sums atomically
+        if packed and not whole_rows:  # the blocks of a pixel add their row sums atomically
             zero_fill(out.rowsum, stream or cuda.default_stream())
         bound()
 

@@ -29,15 +29,15 @@ def _signature(out_float):
 
 
 @functools.lru_cache(maxsize=None)
-def launcher(p, q, config, out_float):
-    """The compiled kernel for (p, q, config, output type), ready to launch."""
-    kernel = apmm_kernel(p, q, config, out_float)
+def launcher(p, q, config, out_float, mma="b1"):
+    """The compiled kernel for (p, q planes, config, output type, mma kind), ready to launch."""
+    kernel = apmm_kernel(p, q, config, out_float, mma)
     return CompiledKernel(kernel, _signature(out_float), config.shared_bytes(p, q))
 
 
 @functools.lru_cache(maxsize=None)
-def _coef(precision):
-    return cuda.to_device(np.asarray(precision.coef, dtype=np.int32))
+def _coef(precision, packing="bits"):
+    return cuda.to_device(np.asarray(reference.operand_coef(precision, packing)[0], dtype=np.int32))
 
 
 @functools.lru_cache(maxsize=None)
@@ -51,6 +51,8 @@ def _check_operands(w, x):
             raise TypeError(f"{name}: expected a PackedTensor, got {type(t).__name__}")
     if w.K != x.K:
         raise ValueError(f"w, x: reduction lengths differ: w is {w.shape} (K={w.K}), x is {x.shape} (K={x.K})")
+    if w.packing != x.packing:
+        raise ValueError(f"w, x: packings differ: w is {w.packing!r}, x is {x.packing!r} (pack both as bits or both as bytes)")
     check_accumulator(w.K, w.precision, x.precision, w.zero_point, x.zero_point)
 
 
@@ -66,37 +68,46 @@ def _vector(v, M, name, default):
     return d
 
 
-def choose_config(p, q, M, N, K, out_float, autotune=False):
+def _model_k(K, mma):
+    """The K the tile model sees: its k-steps are 256 bits, and a byte k-step holds 32 values."""
+    return K if mma == "b1" else reference.padded_words(K, "bytes") * 32
+
+
+def choose_config(p, q, M, N, K, out_float, autotune=False, mma="b1"):
     """Cached autotuned choice if there is one, else (autotune=True) tune now, else the model's best."""
-    key = tuning.cache_key(device_name(), p, q, M, N, K, out_float)
+    key = tuning.cache_key(device_name(), p, q, M, N, K, out_float, mma)
     cfg = tuning.cached_config(key)
     if cfg is not None:
         return cfg
     if autotune and not SIMULATOR:
-        return autotune_config(p, q, M, N, K, out_float, key)
-    return tuning.default_config(p, q, M, N, K)
+        return autotune_config(p, q, M, N, K, out_float, key, mma)
+    return tuning.default_config(p, q, M, N, _model_k(K, mma))
 
 
-def autotune_config(p, q, M, N, K, out_float, key=None):
+def autotune_config(p, q, M, N, K, out_float, key=None, mma="b1"):
     """Time the model's best few configurations (CUDA graph of calls); cache and return the fastest."""
     from .graph import gpu_time_per_call
 
     rng = np.random.default_rng(0)
-    pw, px = Precision(p, "unsigned"), Precision(q, "unsigned")
-    w = PackedTensor.from_codes(rng.integers(0, 2**p, (M, K)), pw)
-    x = PackedTensor.from_codes(rng.integers(0, 2**q, (N, K)), px)
+    if mma == "b1":
+        pw, px, packing = Precision(p, "unsigned"), Precision(q, "unsigned"), "bits"
+    else:
+        pw, px = (Precision(8, "signed" if t == "s8" else "unsigned") for t in mma.split("."))
+        packing = "bytes"
+    w = PackedTensor.from_codes(reference.random_codes(rng, (M, K), pw), pw, packing=packing)
+    x = PackedTensor.from_codes(reference.random_codes(rng, (N, K), px), px, packing=packing)
     y = cuda.device_array((M, N), dtype=np.float32 if out_float else np.int32)
     scale = cuda.to_device(np.ones(M, np.float32)) if out_float else None
     stream = cuda.stream()
     calls = int(max(2, min(100, 2e4 / max(1.0, 2.0 * M * N * K * p * q / 8e9))))
     timings = {}
-    for cfg in tuning.candidates(p, q, M, N, K, limit=3):
+    for cfg in tuning.candidates(p, q, M, N, _model_k(K, mma), limit=3):
         timings[cfg] = gpu_time_per_call(
             stream, lambda cfg=cfg: apmm(w, x, out=y, scale=scale, config=cfg, stream=stream), calls=calls, replays=3
         )
     best = min(timings, key=timings.get)
     tuning.store_config(
-        key or tuning.cache_key(device_name(), p, q, M, N, K, out_float), best,
+        key or tuning.cache_key(device_name(), p, q, M, N, K, out_float, mma), best,
         {c.short(): round(us, 3) for c, us in timings.items()},
     )
     return best
@@ -145,13 +156,14 @@ def prepare_apmm(w, x, *, out=None, scale=None, bias=None, out_dtype=None, layou
     scale_d = _vector(scale, M, "scale", ones)
     bias_d = _vector(bias, M, "bias", zeros)
 
-    p, q = w.bits, x.bits
-    cfg = config or choose_config(p, q, M, N, K, out_float, autotune)
+    p, q, packing = w.planes, x.planes, w.packing
+    mma = reference.mma_kind(w.precision, x.precision, packing)
+    cfg = config or choose_config(p, q, M, N, K, out_float, autotune, mma)
     grid = (-(-N // cfg.block_n), -(-M // cfg.block_m))
     stride_m, stride_n = (N, 1) if layout == "mn" else (1, M)
-    c_sw, c_sx, c_const = reference.correction_terms(w.precision, x.precision, K, w.zero_point, x.zero_point)
-    bound = launcher(p, q, cfg, out_float).bind(grid, (cfg.threads,), stream, (
-        w.words, x.words, M, N, w.kwords, _coef(w.precision), _coef(x.precision), c_sw, c_sx, c_const,
+    c_sw, c_sx, c_const = reference.correction_terms(w.precision, x.precision, K, w.zero_point, x.zero_point, packing)
+    bound = launcher(p, q, cfg, out_float, mma).bind(grid, (cfg.threads,), stream, (
+        w.words, x.words, M, N, w.kwords, _coef(w.precision, packing), _coef(x.precision, packing), c_sw, c_sx, c_const,
         w.rowsum, x.rowsum, scale_d, bias_d, out, stride_m, stride_n,
     ))
     bound.out = out
@@ -159,11 +171,12 @@ def prepare_apmm(w, x, *, out=None, scale=None, bias=None, out_dtype=None, layou
     return bound
 
 
-def matmul(w, x, pw, px, *, w_scale=1.0, x_scale=1.0, x_zero_point=0, out_float=False, config=None):
+def matmul(w, x, pw, px, *, w_scale=1.0, x_scale=1.0, x_zero_point=0, out_float=False, config=None, packing="bits"):
     """Convenience: integer codes or floats (host or device) in, host numpy out.
 
     Integer arrays are taken as codes of ``pw`` / ``px``; float arrays are quantized
-    (``w_scale`` per row or scalar, ``x_scale`` scalar) and packed on the GPU.
+    (``w_scale`` per row or scalar, ``x_scale`` scalar) and packed on the GPU (``packing``:
+    "bits", the b1 planes, or "bytes" for the int8 tensor cores).
     int32 ``W @ X.T`` out, or float32 ``W @ X.T * w_scale * x_scale`` with ``out_float``.
     """
     require_gpu()
@@ -173,9 +186,9 @@ def matmul(w, x, pw, px, *, w_scale=1.0, x_scale=1.0, x_zero_point=0, out_float=
         dtype = np.dtype(a.dtype)
         if np.issubdtype(dtype, np.integer):
             host = a.copy_to_host() if hasattr(a, "copy_to_host") else np.asarray(a)
-            return PackedTensor.from_codes(host, prec, scale, zp)
+            return PackedTensor.from_codes(host, prec, scale, zp, packing=packing)
         if dtype in (np.float32, np.float16):
-            return PackedTensor.from_float(a, prec, scale, zp)
+            return PackedTensor.from_float(a, prec, scale, zp, packing=packing)
         raise TypeError(f"{name}: expected integer codes or float32/float16 values, got dtype {dtype.name}")
 
     W = packed(w, pw, w_scale, 0, "w")

@@ -17,9 +17,10 @@ from .packed import PackedTensor
 from .precision import Encoding
 
 
-def _image(x, name="x"):
+def _image(x, name="x", op="this op"):
     if not isinstance(x, PackedTensor) or x.image is None:
         raise TypeError(f"{name}: expected a PackedTensor of NHWC images")
+    x.require_bits(name, op)
     return x.image
 
 
@@ -48,7 +49,7 @@ def _f32_device(v, n, name):
 
 
 def _pool_shape(x, kernel_size, stride, padding):
-    N, H, W = _image(x)
+    N, H, W = _image(x, op="pooling")
     stride = stride or kernel_size
     OH = reference.conv_output_size(H, kernel_size, stride, padding)
     OW = reference.conv_output_size(W, kernel_size, stride, padding)
@@ -57,6 +58,7 @@ def _pool_shape(x, kernel_size, stride, padding):
 
 def _pool(x, out, mode, kernel_size, stride, padding, out_image, multiplier, stream):
     (N, H, W), (_, OH, OW) = x.image, out_image
+    out.require_bits("out", "pooling")
     out.image = out_image
     geometry = _i32([N, H, W, x.K, kernel_size, stride, padding, OH, OW, x.kwords])
     params = _i32([x.zero_point, out.zero_point])
@@ -101,6 +103,7 @@ def add(a, b, out, relu=False, stream=0):
     for name, t in (("a", a), ("b", b), ("out", out)):
         if not isinstance(t, PackedTensor) or t.shape != a.shape:
             raise ValueError(f"{name}: expected a PackedTensor of shape {a.shape}")
+        t.require_bits(name, "add")
     so = float(out.scale[0])
     params = _i32([a.bits, a.precision.encoding.code, a.zero_point, b.bits, b.precision.encoding.code, b.zero_point,
                    out.bits, out.precision.encoding.code, out.zero_point, int(bool(relu))])
@@ -128,7 +131,7 @@ def flatten(x, out=None, stream=0):
     zero point, whose zero bits are the value 0; refused otherwise.
     """
     require_gpu()
-    N, H, W = _image(x)
+    N, H, W = _image(x, op="flatten")
     check_flattenable(x.precision, x.zero_point)
     pixels = H * W
     if out is None:
@@ -147,6 +150,7 @@ def requantize(y, scale, bias, out, relu=False, stream=0):
     rows, C = out.shape
     if tuple(y.shape[-1:]) != (C,) or y.size != rows * C or np.dtype(y.dtype) != np.int32:
         raise ValueError(f"y: expected int32 sums with {rows} rows of {C} channels, got {np.dtype(y.dtype).name} {tuple(y.shape)}")
+    out.require_bits("out", "requantize")
     params = _i32([out.bits, out.precision.encoding.code, out.zero_point, int(bool(relu))])
     _launch(K.requantize_kernel, rows, stream, y.reshape(y.size), rows, C, out.kwords,
             _f32_device(scale, C, "scale"), _f32_device(bias, C, "bias"), params,

@@ -41,17 +41,19 @@ class PackedTensor:
     Attributes: ``words`` (device uint32, shape (bits, rows, kwords), the layout in
     :mod:`apnumba.reference`), ``rowsum`` (device int32 (rows,), the sum of each
     row's codes, used by the correction terms of binary encodings), ``scale``
-    (float32 per row), ``zero_point``.
+    (float32 per row), ``zero_point``, ``packing`` ("bits", or "bytes": one plane of
+    int8 values, words (1, rows, kwords), for the int8 tensor cores - ``reference``).
     """
 
-    def __init__(self, words, rowsum, shape, precision, scale=1.0, zero_point=0, image=None):
+    def __init__(self, words, rowsum, shape, precision, scale=1.0, zero_point=0, image=None, packing="bits"):
         self.precision = Precision.parse(precision)
+        self.packing = reference.check_packing(packing)
         rows, K = (int(s) for s in shape)
         if rows < 1 or K < 1:
             raise ValueError(f"shape: expected rows >= 1 and K >= 1, got {shape}")
         self.shape = (rows, K)
-        self.kwords = reference.padded_words(K)
-        expect = (self.precision.bits, rows, self.kwords)
+        self.kwords = reference.padded_words(K, packing)
+        expect = (self.planes, rows, self.kwords)
         if tuple(words.shape) != expect or np.dtype(words.dtype) != np.uint32:
             raise ValueError(f"words: expected uint32 {expect}, got {np.dtype(words.dtype).name} {tuple(words.shape)}")
         if tuple(rowsum.shape) != (rows,) or np.dtype(rowsum.dtype) != np.int32:
@@ -69,34 +71,42 @@ class PackedTensor:
     rows = property(lambda self: self.shape[0])
     K = property(lambda self: self.shape[1])
     bits = property(lambda self: self.precision.bits)
+    planes = property(lambda self: reference.planes(self.precision, self.packing))
 
     def __repr__(self):
-        return f"PackedTensor(shape={self.shape}, precision={self.precision}, kwords={self.kwords})"
+        extra = ", packing='bytes'" if self.packing == "bytes" else ""
+        return f"PackedTensor(shape={self.shape}, precision={self.precision}, kwords={self.kwords}{extra})"
+
+    def require_bits(self, name, op):
+        """Raise unless this tensor holds bit planes (the packed ops and fused epilogues read planes)."""
+        if self.packing != "bits":
+            raise ValueError(f"{name}: {op} reads bit planes, got a PackedTensor with packing={self.packing!r}")
 
     @classmethod
-    def empty(cls, shape, precision, scale=1.0, zero_point=0):
+    def empty(cls, shape, precision, scale=1.0, zero_point=0, packing="bits"):
         """Device buffers for a tensor to be filled by :meth:`pack_` (or a kernel's epilogue)."""
         require_gpu()
         precision = Precision.parse(precision)
         rows, K = shape
         # Zeroed once: the padding words past K are never written by any kernel and must stay zero.
-        words = cuda.to_device(np.zeros((precision.bits, rows, reference.padded_words(K)), dtype=np.uint32))
+        words = cuda.to_device(np.zeros((reference.planes(precision, packing), rows, reference.padded_words(K, packing)),
+                                        dtype=np.uint32))
         rowsum = cuda.device_array(rows, dtype=np.int32)
-        return cls(words, rowsum, shape, precision, scale, zero_point)
+        return cls(words, rowsum, shape, precision, scale, zero_point, packing=packing)
 
     @classmethod
-    def from_codes(cls, codes, precision, scale=1.0, zero_point=0):
+    def from_codes(cls, codes, precision, scale=1.0, zero_point=0, packing="bits"):
         """Pack host integer codes (rows, K) - or NHWC images (N, H, W, C) - and upload them."""
         require_gpu()
         precision = Precision.parse(precision)
         codes = precision.check_codes(np.asarray(codes), "codes")
         codes, image = _rows(codes, "codes")
-        words = cuda.to_device(reference.pack(codes, precision))
+        words = cuda.to_device(reference.pack(codes, precision, packing))
         rowsum = cuda.to_device(reference.row_sums(codes))
-        return cls(words, rowsum, codes.shape, precision, scale, zero_point, image)
+        return cls(words, rowsum, codes.shape, precision, scale, zero_point, image, packing)
 
     @classmethod
-    def from_float(cls, x, precision, scale=1.0, zero_point=0, stream=0):
+    def from_float(cls, x, precision, scale=1.0, zero_point=0, stream=0, packing="bits"):
         """Quantize and pack a float32/float16 (rows, K) array - or NHWC images (N, H, W, C) - on the GPU."""
         require_gpu()
         x = as_device_array(x, "x", dtypes=(np.float32, np.float16))
@@ -106,19 +116,20 @@ class PackedTensor:
             x = x.reshape(image[0] * image[1] * image[2], x.shape[3])
         elif len(x.shape) != 2:
             raise ValueError(f"x: expected a (rows, K) array or NHWC images (N, H, W, C), got shape {tuple(x.shape)}")
-        out = cls.empty(x.shape, precision, scale, zero_point)
+        out = cls.empty(x.shape, precision, scale, zero_point, packing)
         out.image = image
         return out.pack_(x, stream=stream)
 
     @classmethod
     def from_patches(cls, x, kernel_size, stride=1, padding=0, precision="u8", scale=1.0, zero_point=0, layout="NCHW",
-                     out=None, stream=0):
+                     out=None, stream=0, packing="bits"):
         """A first layer's input: quantize float images and pack every output pixel's receptive field.
 
         Rows are the output pixels, K = kernel_size^2 * C features in (r, s, c) order, zero outside the
         image - the layer then runs as a 1x1 convolution over these rows (``image`` is (N, OH, OW)).
         ``x``: float32/float16, NCHW or NHWC (``layout``), host or device.  ``out``: a PackedTensor to
-        fill (allocated once by a network), else a new one.  The quantizer is reference.quantize's.
+        fill (allocated once by a network; its packing wins), else a new one of ``packing``.  The
+        quantizer is reference.quantize's.
         """
         require_gpu()
         x = as_device_array(x, "x", dtypes=(np.float32, np.float16), ndim=4)
@@ -135,13 +146,16 @@ class PackedTensor:
         OW = reference.conv_output_size(W, k, stride, padding)
         shape = (N * OH * OW, k * k * C)
         if out is None:
-            out = cls.empty(shape, precision, scale, zero_point)
+            out = cls.empty(shape, precision, scale, zero_point, packing)
         elif out.shape != shape:
             raise ValueError(f"out: expected a PackedTensor of shape {shape}, got {out.shape}")
         out.image = (N, OH, OW)
         if not hasattr(out, "_scale_dev"):
             out._scale_dev = cuda.to_device(out.scale[:1])
         geometry = _cached_i32((N, H, W, C, k, k, int(stride), int(padding), OH, OW))
+        if out.packing == "bytes":
+            out._pack_patches_bytes(x.reshape(x.size), geometry, strides, N * H * W * C, stream)
+            return out
         grid = -(-shape[0] // pack_kernels.WARPS_PER_BLOCK)
         kernel = pack_kernels.pack_patches_kernel(out.bits, out.precision.encoding.code)
         kernel[grid, 32 * pack_kernels.WARPS_PER_BLOCK, _launch_stream(stream)](
@@ -161,6 +175,14 @@ class PackedTensor:
         rows, K = self.shape
         if not hasattr(self, "_scale_dev"):
             self._scale_dev = cuda.to_device(self.scale)
+        if self.packing == "bytes":
+            segment = pack_kernels.byte_segment(-(-K // 4))
+            kernel = pack_kernels.pack_rows_bytes_kernel(self.bits, self.precision.encoding.code, segment)
+            kernel[-(-rows // (pack_kernels.WARPS_PER_BLOCK * (32 // segment))), 32 * pack_kernels.WARPS_PER_BLOCK, stream](
+                x.reshape(rows * K), rows, K, K, self._scale_dev, 1, self.zero_point,
+                self.words.reshape(self.words.size), self.kwords, self.rowsum,
+            )
+            return self
         zero_fill(self.rowsum, stream)
         grid = (-(-rows // pack_kernels.WARPS_PER_BLOCK), self.kwords // pack_kernels.CHUNK_WORDS)
         pack_kernels.pack_rows_kernel[grid, 32 * pack_kernels.WARPS_PER_BLOCK, stream](
@@ -169,8 +191,26 @@ class PackedTensor:
         )
         return self
 
+    def _pack_patches_bytes(self, flat_x, geometry, strides, values, stream):
+        """Byte-packed receptive fields in two launches: quantize every input value once into NHWC code
+        bytes (a buffer kept with this tensor, so a network allocates it once), then gather the rows."""
+        stream = _launch_stream(stream)
+        codes = getattr(self, "_image_codes", None)
+        if codes is None or codes.size != values:
+            codes = self._image_codes = cuda.device_array(values, np.uint8)
+        encoding = self.precision.encoding
+        pack_kernels.quantize_image_bytes_kernel(self.bits, encoding.code)[-(-values // 256), 256, stream](
+            flat_x, geometry, _cached_i32(tuple(strides)), self._scale_dev, self.zero_point, codes)
+        segment = pack_kernels.byte_segment(-(-self.K // 4))
+        pad_code = 1 if encoding.code == pack_kernels.ENC_BINARY else self.zero_point  # the code of 0.0
+        kernel = pack_kernels.gather_patches_bytes_kernel(encoding.code != pack_kernels.ENC_UNSIGNED, segment)
+        kernel[-(-self.rows // (pack_kernels.WARPS_PER_BLOCK * (32 // segment))), 32 * pack_kernels.WARPS_PER_BLOCK, stream](
+            codes, geometry, pad_code, self.words.reshape(self.words.size), self.kwords, self.rowsum)
+
     def codes(self, stream=0):
-        """Unpack on the GPU: host int32 codes (rows, K)."""
+        """Unpack on the GPU (bytes: a copy and a view): host int32 codes (rows, K)."""
+        if self.packing == "bytes":
+            return reference.unpack(self.words.copy_to_host(), self.precision, self.K, "bytes")
         rows, K = self.shape
         out = cuda.device_array(rows * K, dtype=np.int32)
         threads = 256

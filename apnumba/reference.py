@@ -17,6 +17,18 @@ is stored as ``uint32`` words, C-contiguous::
 - Each row is padded with zero bits to a multiple of 256 bits (8 words, one
   ``m16n8k256`` k-step), so kernels need no K-edge test.  Rows are not padded.
 
+Byte packing (``packing="bytes"``), for products where p * q plane pairs cost more than
+the int8 tensor cores (a network's 8-bit first layer: 64 plane pairs, or 8 int8 mma per 256 k)::
+
+    words[0, row, word]            shape (1, rows, kwords),  kwords = ceil(K / 32) * 8
+
+    byte i of words[0, r, w]  =  the value of q[r, 4 * w + i] as an int8 (two's complement;
+                                 unsigned codes as uint8; binary as -1 / +1), zero beyond K
+
+One ``m16n8k32`` int8 k-step is 32 bytes = 8 words: the same rows of 8 words per k-step as a
+b1 ``m16n8k256`` step, with the same fragment layout, so one kernel pipeline serves both.
+The product is then ``sum_k w[m,k] x[n,k]`` directly (one plane, coefficient 1, offset 0).
+
 The product (``apnumba.precision`` defines ``coef`` and ``offset``)
 -------------------------------------------------------------------
 With codes ``w = sum_j cw_j w_j + dw`` and ``x = sum_i cx_i x_i + dx`` (bits ``w_j``,
@@ -42,11 +54,52 @@ K_ALIGN_BITS = 256  # one m16n8k256 k-step
 K_ALIGN_WORDS = K_ALIGN_BITS // WORD_BITS
 
 
-def padded_words(K):
-    """Words per packed row for a reduction length K."""
+PACKINGS = ("bits", "bytes")
+_PER_WORD = {"bits": WORD_BITS, "bytes": 4}  # K elements a word holds
+
+
+def check_packing(packing):
+    if packing not in PACKINGS:
+        raise ValueError(f"packing: expected one of {PACKINGS}, got {packing!r}")
+    return packing
+
+
+def padded_words(K, packing="bits"):
+    """Words per packed row for a reduction length K (one k-step is 8 words in either packing)."""
     if K < 1:
         raise ValueError(f"K: expected at least 1, got {K}")
-    return -(-K // K_ALIGN_BITS) * K_ALIGN_WORDS
+    per_step = _PER_WORD[check_packing(packing)] * K_ALIGN_WORDS
+    return -(-K // per_step) * K_ALIGN_WORDS
+
+
+def operand_coef(precision, packing="bits"):
+    """(coef, offset) of the planes the kernel multiplies: the precision's, or ((1,), 0) for bytes."""
+    precision = Precision.parse(precision)
+    return (precision.coef, precision.offset) if check_packing(packing) == "bits" else ((1,), 0)
+
+
+def planes(precision, packing="bits"):
+    """Planes of a packed tensor: ``bits`` bit planes, or one plane of bytes."""
+    return Precision.parse(precision).bits if check_packing(packing) == "bits" else 1
+
+
+def byte_type(precision):
+    """The int8 mma operand type that holds a precision's values: u8 for unsigned, s8 otherwise."""
+    return "u8" if Precision.parse(precision).encoding is Encoding.UNSIGNED else "s8"
+
+
+def mma_kind(pw, px, packing="bits"):
+    """The tensor-core product a kernel issues: "b1" (AND + popc), or "s8.u8"-style int8 types (W, X)."""
+    return "b1" if check_packing(packing) == "bits" else f"{byte_type(pw)}.{byte_type(px)}"
+
+
+def bytes_pay(pw, px, K):
+    """True where int8 mma over bytes issue fewer products than b1 mma over plane pairs.
+
+    Per row pair: p * q * ceil(K / 256) b1 mma against ceil(K / 32) int8 mma (the same issue rate
+    on Hopper and Ampere); ties go to bytes (a cheaper pack).  8-bit first layers: always bytes."""
+    pw, px = Precision.parse(pw), Precision.parse(px)
+    return pw.bits * px.bits * padded_words(K) >= padded_words(K, "bytes")
 
 
 def encode(codes, precision):
@@ -83,30 +136,39 @@ def from_planes(planes, precision):
     return np.asarray(v, dtype=np.int32)
 
 
-def pack(codes, precision):
-    """int codes (rows, K) -> uint32 words (b, rows, kwords) in the packed layout."""
+def pack(codes, precision, packing="bits"):
+    """int codes (rows, K) -> uint32 words (b, rows, kwords) in the packed layout (or (1, rows, kwords) of bytes)."""
     precision = Precision.parse(precision)
     codes = np.asarray(codes)
     if codes.ndim != 2:
         raise ValueError(f"codes: expected a 2-D (rows, K) array, got shape {codes.shape}")
     rows, K = codes.shape
+    if check_packing(packing) == "bytes":
+        v = precision.check_codes(codes, "codes").astype(np.int64)
+        padded = np.zeros((rows, padded_words(K, packing) * 4), dtype=np.uint8)
+        padded[:, :K] = (v & 0xFF).astype(np.uint8)
+        return np.ascontiguousarray(padded).view("<u4").reshape(1, rows, -1).astype(np.uint32)
     kwords = padded_words(K)
-    planes = bit_planes(codes, precision)  # (b, rows, K)
+    bits = bit_planes(codes, precision)  # (b, rows, K)
     padded = np.zeros((precision.bits, rows, kwords * WORD_BITS), dtype=np.uint8)
-    padded[:, :, :K] = planes
+    padded[:, :, :K] = bits
     packed = np.packbits(padded.reshape(precision.bits, rows, kwords, WORD_BITS), axis=-1, bitorder="little")
     return np.ascontiguousarray(packed).view("<u4").reshape(precision.bits, rows, kwords).astype(np.uint32)
 
 
-def unpack(words, precision, K):
+def unpack(words, precision, K, packing="bits"):
     """uint32 words (b, rows, kwords) -> int32 codes (rows, K)."""
     precision = Precision.parse(precision)
     words = np.ascontiguousarray(np.asarray(words, dtype=np.uint32))
-    if words.ndim != 3 or words.shape[0] != precision.bits or words.shape[2] != padded_words(K):
+    n_planes, kwords = planes(precision, packing), padded_words(K, packing)
+    if words.ndim != 3 or words.shape[0] != n_planes or words.shape[2] != kwords:
         raise ValueError(
-            f"words: expected shape ({precision.bits}, rows, {padded_words(K)}) for {precision} and K={K}, "
+            f"words: expected shape ({n_planes}, rows, {kwords}) for {precision} ({packing}) and K={K}, "
             f"got {words.shape}"
         )
+    if packing == "bytes":
+        raw = words[0].view(np.uint8 if precision.encoding is Encoding.UNSIGNED else np.int8)[:, :K]
+        return precision.check_codes(raw.astype(np.int32), "words")
     bits = np.unpackbits(words.view(np.uint8), axis=-1, bitorder="little")
     return from_planes(bits[:, :, :K], precision)
 
@@ -133,16 +195,17 @@ def plane_popcounts(words_w, words_x):
     return out
 
 
-def correction_terms(pw, px, K, zw=0, zx=0):
+def correction_terms(pw, px, K, zw=0, zx=0, packing="bits"):
     """(c_sw, c_sx, c_const) of the module doc's formula.
 
     With ``ew = dw - zw`` and ``ex = dx - zx``: the bit planes give ``sum (w - dw)(x - dx)``;
     expanding ``(w - zw)(x - zx)`` around it gives
-    ``c_sw = ex``, ``c_sx = ew``, ``c_const = -K (ex dw + ew dx - ew ex)``.
+    ``c_sw = ex``, ``c_sx = ew``, ``c_const = -K (ex dw + ew dx - ew ex)``.  Bytes hold the
+    values themselves: dw = dx = 0.
     """
-    pw, px = Precision.parse(pw), Precision.parse(px)
-    ew, ex = pw.offset - zw, px.offset - zx
-    return ex, ew, -K * (ex * pw.offset + ew * px.offset - ew * ex)
+    dw, dx = operand_coef(pw, packing)[1], operand_coef(px, packing)[1]
+    ew, ex = dw - zw, dx - zx
+    return ex, ew, -K * (ex * dw + ew * dx - ew * ex)
 
 
 def combine_planes(popcounts, pw, px, sum_w, sum_x, K, zw=0, zx=0):
@@ -233,17 +296,15 @@ def conv2d_int(x_codes, w_codes, stride=1, padding=0, zx=0, zw=0):
     return y.astype(np.int64)
 
 
-def pack_conv_weight(w_codes, precision):
+def pack_conv_weight(w_codes, precision, packing="bits"):
     """(K,R,S,C) codes -> (words (b, K, R*S*cwords), rowsum (K,), tap sums (K, R*S)) in the conv layout."""
     precision = Precision.parse(precision)
     w = precision.check_codes(np.asarray(w_codes), "w")
     if w.ndim != 4:
         raise ValueError(f"w: expected a (K, R, S, C) array, got shape {w.shape}")
     K, R, S, C = w.shape
-    cp = padded_words(C) * WORD_BITS
-    padded = np.full((K, R, S, cp), precision.offset, dtype=np.int32)  # offset codes have all-zero bits
-    padded[..., :C] = w
-    words = pack(padded.reshape(K, R * S * cp), precision)
+    # One packed row per tap: each tap's C padded on its own (zero bits / zero bytes), rows laid end to end.
+    words = pack(w.reshape(K * R * S, C), precision, packing).reshape(planes(precision, packing), K, -1)
     taps = w.astype(np.int64).sum(axis=3).reshape(K, R * S).astype(np.int32)
     return words, taps.sum(axis=1).astype(np.int32), taps
 

@@ -133,8 +133,8 @@ def cache_path():
     return Path(root) / "apmm_tiles.json"
 
 
-def cache_key(device, p, q, M, N, K, out_float):
-    return f"{device}|w{p}a{q}|{M}x{N}x{K}|{'f32' if out_float else 'i32'}"
+def cache_key(device, p, q, M, N, K, out_float, mma="b1"):
+    return f"{device}|w{p}a{q}|{M}x{N}x{K}|{'f32' if out_float else 'i32'}" + ("" if mma == "b1" else f"|{mma}")
 
 
 def load_cache():

@@ -37,7 +37,7 @@ def check_tiles(rng, shape, op, tiles):
     assert (got == expect).all(), f"{shape} {op}: {np.argwhere(got != expect)[:5]}"
 
 
-def check_pack(rng, rows, K, precision, dtype=np.float32, zero_point=0, per_row_scale=False):
+def check_pack(rng, rows, K, precision, dtype=np.float32, zero_point=0, per_row_scale=False, packing="bits"):
     """GPU quantize+pack vs the reference quantizer and packer; rowsum; unpack round trip."""
     x = (rng.standard_normal((rows, K)) * 2.5).astype(dtype)
     flat = x.ravel()
@@ -45,22 +45,23 @@ def check_pack(rng, rows, K, precision, dtype=np.float32, zero_point=0, per_row_
     flat[: min(flat.size, specials.size)] = specials[: flat.size]
     scale = np.float32(rng.uniform(0.3, 1.5, rows) if per_row_scale else rng.uniform(0.3, 1.5))
     zp = zero_point if precision.encoding is Encoding.UNSIGNED else 0
-    t = PackedTensor.from_float(cuda.to_device(x), precision, scale, zp)
+    t = PackedTensor.from_float(cuda.to_device(x), precision, scale, zp, packing=packing)
     q = quantize(x.astype(np.float32), precision, scale, zp)
-    assert (t.words_host() == R.pack(q, precision)).all()
+    assert (t.words_host() == R.pack(q, precision, packing)).all()
     assert (t.rowsum_host() == R.row_sums(q)).all()
     assert (t.codes() == q).all()
 
 
-def check_apmm(rng, pw, px, M, N, K, config=None, out_float=False, layout="mn", zw=0, zx=0, w_extreme=False):
+def check_apmm(rng, pw, px, M, N, K, config=None, out_float=False, layout="mn", zw=0, zx=0, w_extreme=False,
+               packing="bits"):
     """apmm on random codes vs the plain integer product (and its float32 epilogue), poisoned output."""
     w = R.random_codes(rng, (M, K), pw)
     x = R.random_codes(rng, (N, K), px)
     if w_extreme:  # the largest magnitudes each correction term can see
         w[:, : K // 2] = pw.lo
         x[: N // 2] = px.hi if px.hi else px.lo
-    W = PackedTensor.from_codes(w, pw, zero_point=zw)
-    X = PackedTensor.from_codes(x, px, zero_point=zx)
+    W = PackedTensor.from_codes(w, pw, zero_point=zw, packing=packing)
+    X = PackedTensor.from_codes(x, px, zero_point=zx, packing=packing)
     exact = R.matmul_int(w, x, zw, zx)
     assert (np.abs(exact) < 2**31).all()
     shape = (M, N) if layout == "mn" else (N, M)
@@ -79,12 +80,12 @@ def check_apmm(rng, pw, px, M, N, K, config=None, out_float=False, layout="mn", 
         got = got.T
     bad = np.argwhere(got != expect)
     assert bad.size == 0, (
-        f"w{pw}a{px} M={M} N={N} K={K} {config.short() if config else 'default'}: "
+        f"w{pw}a{px} ({packing}) M={M} N={N} K={K} {config.short() if config else 'default'}: "
         f"{len(bad)} wrong, first at {bad[:3].tolist()}: got {got[tuple(bad[0])]}, expected {expect[tuple(bad[0])]}"
     )
 
 
-def check_conv(rng, px, pw, image, K, k, stride, padding, config=None, out_float=False, zx=0, zw=0):
+def check_conv(rng, px, pw, image, K, k, stride, padding, config=None, out_float=False, zx=0, zw=0, packing="bits"):
     """apconv on random codes vs the plain integer convolution (and its float32 epilogue), poisoned output."""
     from apnumba.conv import PackedConvWeight, apconv
 
@@ -92,8 +93,8 @@ def check_conv(rng, px, pw, image, K, k, stride, padding, config=None, out_float
     x = R.random_codes(rng, image, px)
     w = R.random_codes(rng, (K, k, k, C), pw)
     exact = R.conv2d_int(x, w, stride, padding, zx, zw)
-    X = PackedTensor.from_codes(x, px, zero_point=zx)
-    Wt = PackedConvWeight.from_codes(w, pw, zero_point=zw)
+    X = PackedTensor.from_codes(x, px, zero_point=zx, packing=packing)
+    Wt = PackedConvWeight.from_codes(w, pw, zero_point=zw, packing=packing)
     if out_float:
         scale = rng.uniform(-2, 2, K).astype(np.float32)
         bias = rng.uniform(-50, 50, K).astype(np.float32)
@@ -107,13 +108,13 @@ def check_conv(rng, px, pw, image, K, k, stride, padding, config=None, out_float
     got = out.copy_to_host()
     bad = np.argwhere(got != expect)
     assert bad.size == 0, (
-        f"conv x{px} w{pw} {image} K={K} {k}x{k} s{stride} p{padding} {config.short() if config else 'default'}: "
+        f"conv x{px} w{pw} ({packing}) {image} K={K} {k}x{k} s{stride} p{padding} {config.short() if config else 'default'}: "
         f"{len(bad)} wrong, first at {bad[:3].tolist()}: got {got[tuple(bad[0])]}, expected {expect[tuple(bad[0])]}"
     )
 
 
 def check_conv_packed(rng, px, pw, image, K, k, stride, padding, out_precision, relu=True, residual_precision=None,
-                      config=None, pool=None):
+                      config=None, pool=None, packing="bits"):
     """apconv with the fused epilogue (affine, residual, ReLU, requantize, pack) vs reference.requantize + pack."""
     from apnumba.conv import PackedConvWeight, apconv
 
@@ -133,7 +134,8 @@ def check_conv_packed(rng, px, pw, image, K, k, stride, padding, out_precision, 
     if pool:
         OH, OW = OH // 2, OW // 2
     out = PackedTensor.empty((N * OH * OW, K), out_precision)
-    apconv(PackedTensor.from_codes(x, px), PackedConvWeight.from_codes(w, pw), stride, padding, out=out,
+    apconv(PackedTensor.from_codes(x, px, packing=packing), PackedConvWeight.from_codes(w, pw, packing=packing),
+           stride, padding, out=out,
            scale=scale, bias=bias, relu=relu, residual=residual, residual_scale=0.5, pool=pool, config=config)
     if pool:
         expect = R.requantize_pool(exact, scale, bias, out_precision, 0, relu, pool).reshape(-1, K)

@@ -90,6 +90,56 @@ def test_pack_kernels(cc, dtype):
         assert ops["VOTE.ANY"] >= bits and ops["STG.E"] <= 4, (ops["VOTE.ANY"], ops["STG.E"])
 
 
+@pytest.mark.parametrize("cc", CCS, ids=lambda cc: f"sm_{cc[0]}{cc[1]}")
+def test_pack_bytes_kernels(cc):
+    for bits, enc, segment in ((8, pack.ENC_SIGNED, 8), (8, pack.ENC_UNSIGNED, 32), (1, pack.ENC_BINARY, 1)):
+        rows = sass.compile_kernel(
+            pack.pack_rows_bytes_kernel(bits, enc, segment).py_func,
+            "void(float32[::1], int32, int32, int32, float32[::1], int32, int32, uint32[::1], int32, int32[::1])", cc,
+        )
+        image = sass.compile_kernel(
+            pack.quantize_image_bytes_kernel(bits, enc).py_func,
+            "void(float16[::1], int32[::1], int32[::1], float32[::1], int32, uint8[::1])", cc,
+        )
+        gather = sass.compile_kernel(
+            pack.gather_patches_bytes_kernel(enc != pack.ENC_UNSIGNED, segment).py_func,
+            "void(uint8[::1], int32[::1], int32, uint32[::1], int32, int32[::1])", cc,
+        )
+        for c in (rows, image, gather):
+            check_clean(c, bmma=None, calls_ok=True)
+            assert "vote.sync" not in c.ptx  # no ballots: a code is a byte
+        if enc != pack.ENC_BINARY:  # (a +-1 code needs only the sign: no division, no rounding)
+            assert all("div.rn.f32" in c.ptx and "cvt.rni.f32.f32" in c.ptx for c in (rows, image))
+        assert "div.rn.f32" not in gather.ptx and "cvt.rn" not in gather.ptx  # the gather only moves bytes
+        for c in (rows, gather):  # the segment's butterfly
+            assert c.ptx.count("shfl.sync.idx.b32") >= segment.bit_length() - 1
+
+
+# Byte-packed operands: one int8 m16n8k32 per 32 bytes (IMMA), on both architectures, APMM and APConv.
+@pytest.mark.parametrize("cc", CCS, ids=lambda cc: f"sm_{cc[0]}{cc[1]}")
+@pytest.mark.parametrize("mma", ["s8.s8", "s8.u8", "u8.s8", "u8.u8"])
+def test_apmm_int8(cc, mma):
+    cfg = default_config(1, 1, 4096, 4096, 4096)
+    c = sass.compile_kernel(apmm_kernel(1, 1, cfg, False, mma).py_func, _signature(False), cc)
+    assert f"mma.sync.aligned.m16n8k32.row.col.s32.{mma}.s32" in c.ptx
+    check_clean(c, bmma=f"IMMA.16832.{mma.upper()}", count=cfg.mma_per_step(1, 1))
+    assert not [k for k in c.opcodes() if k.startswith("BMMA")]
+
+
+@pytest.mark.parametrize("out", ["pack", "pack_max", "f32"])
+def test_apconv_int8_first_layer(out):
+    """VGG's first layer as the network runs it: 27 bytes per pixel, one k-step, the fused epilogue."""
+    from apnumba.conv import _signature as conv_signature, conv_config
+    from apnumba.kernels.apmm import apconv_kernel
+
+    cfg = conv_config(1, 1, 96, 8 * 224 * 224, 256, packed=out.startswith("pack"))
+    epilogue = (2, 0, 0, 0, True) if out.startswith("pack") else None
+    c = sass.compile_kernel(apconv_kernel(1, 1, cfg, out, "s8.s8", epilogue).py_func, conv_signature(out), (9, 0))
+    check_clean(c, bmma="IMMA.16832.S8.S8", count=cfg.mma_per_step(1, 1))
+    with pytest.raises(ValueError, match="int8 operands are one plane"):
+        apconv_kernel(2, 1, cfg, out, "s8.s8", epilogue)
+
+
 # The specialisations the library ships by default: every (p, q) at its large-problem tile,
 # and the small-problem tiles (K split across warps, odd n-tiles, plane groups) for a few.
 LARGE = [(p, q, default_config(p, q, 8192, 8192, 8192)) for p, q in itertools.product(range(1, 9), repeat=2)]
@@ -154,10 +204,15 @@ def _check_apconv(p, q, shape, out):
     from apnumba.kernels.apmm import apconv_kernel
 
     cfg = conv_config(p, q, *shape, packed=out.startswith("pack"))
-    c = sass.compile_kernel(apconv_kernel(p, q, cfg, out).py_func, conv_signature(out), (9, 0))
+    packed = out.startswith("pack")
+    # (out precision, residual precision, whole rows): u2 with a u2 residual, or s4 over several blocks
+    epilogue = ((2, 0, 0 if out != "pack" else 2, 0, True) if p == 1 else (4, 1, 0, 0, False)) if packed else None
+    c = sass.compile_kernel(apconv_kernel(p, q, cfg, out, "b1", epilogue).py_func, conv_signature(out), (9, 0))
     check_clean(c, count=cfg.mma_per_step(p, q))
-    if out.startswith("pack"):
-        assert c.opcodes()["VOTE.ANY"] >= 1  # the next layer's words come from ballots
+    if packed:
+        # the next layer's words come from ballots, one per output plane of every word of the tile, unrolled
+        assert c.opcodes()["VOTE.ANY"] >= epilogue[0] * (cfg.block_m // 32), c.opcodes()["VOTE.ANY"]
+        assert ("ATOMG" in str(c.opcodes()) or "RED." in str(c.opcodes())) == (not epilogue[4])
     print(f"apconv w{p}a{q} {cfg.short()} {out}: {c.registers} registers")
 
 

@@ -98,6 +98,55 @@ def test_apmm_big_k_close_to_the_int32_limit(rng):
         apmm(PackedTensor.from_codes(w[:, :1].repeat(K + 1, 1), pw), PackedTensor.from_codes(x[:, :1].repeat(K + 1, 1), px))
 
 
+# Byte packing: the same kernel on the int8 mma.  Every precision is held as int8 / uint8 values.
+ALL_PRECISIONS = [Precision(1, "binary")] + [Precision(b, e) for b in range(1, 9) for e in ("unsigned", "signed")]
+
+
+@pytest.mark.parametrize("pw", ALL_PRECISIONS, ids=str)
+def test_apmm_bytes_every_precision(rng, pw):
+    for px in ALL_PRECISIONS:
+        for tile in (None, default_config(1, 1, 8192, 8192, 8192)):
+            check_apmm(rng, pw, px, 150, 97, 1000, tile, w_extreme=True, packing="bytes")
+
+
+def test_apmm_bytes_ragged_shapes_and_zero_points(rng):
+    pw, px = Precision.parse("s8"), Precision.parse("u8")
+    for M, N, K in itertools.product(RAGGED, RAGGED, [1, 31, 33, 257]):
+        check_apmm(rng, pw, px, M, N, K, packing="bytes")
+    check_apmm(rng, Precision.parse("u8"), Precision.parse("u8"), 300, 77, 3000, zw=100, zx=3, packing="bytes")
+    for cfg in [TileConfig(1, 1, 1, 1, 2), TileConfig(2, 2, 1, 1, 4, 0, 2), TileConfig(2, 4, 2, 2, 4, 0, 1, 4)]:
+        check_apmm(rng, pw, px, 300, 77, 3000, cfg, out_float=True, packing="bytes")
+    w = PackedTensor.from_codes(np.zeros((4, 100), int), "s8", packing="bytes")
+    with pytest.raises(ValueError, match="packings differ"):
+        apmm(w, PackedTensor.from_codes(np.zeros((3, 100), int), "u2"))
+
+
+@pytest.mark.parametrize("prec", ["s8", "u8", "u3", "b1"])
+def test_pack_bytes_at_scale(rng, prec):
+    check_pack(rng, 1000, 3000, Precision.parse(prec), zero_point=5 if prec == "u8" else 0, per_row_scale=True,
+               packing="bytes")
+    check_pack(rng, 2 * 224 * 224, 27, Precision.parse(prec), np.float16, packing="bytes")
+
+
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+def test_first_layer_bytes_at_scale(rng, layout):
+    """A ResNet stem's receptive fields packed as bytes, then its 1x1 conv with the fused epilogue and pool."""
+    x = rng.standard_normal((2, 48, 40, 3)).astype(np.float32)
+    arg = x.transpose(0, 3, 1, 2).copy() if layout == "NCHW" else x
+    t = PackedTensor.from_patches(arg, 7, 2, 3, "s8", scale=0.02, layout=layout, packing="bytes")
+    expect = quantize(R.patches(x, 7, 7, 2, 3), "s8", 0.02)
+    assert t.image == (2, 24, 20) and t.shape == (2 * 24 * 20, 147)
+    assert (t.words_host() == R.pack(expect, "s8", "bytes")).all() and (t.rowsum_host() == R.row_sums(expect)).all()
+    for pool in (None, "max"):
+        check_conv_packed(rng, Precision.parse("s8"), Precision.parse("s8"), (2, 24, 20, 147), 64, 1, 1, 0,
+                          Precision.parse("u2"), pool=pool, packing="bytes")
+
+
+def test_apconv_bytes_geometries(rng):
+    for image, K, k, stride, padding in CONV_GEOMETRY[:6]:
+        check_conv(rng, Precision.parse("u8"), Precision.parse("s8"), image, K, k, stride, padding, zx=7, packing="bytes")
+
+
 def test_apmm_tile_configs_by_hand(rng):
     for cfg in [TileConfig(1, 1, 1, 1, 2), TileConfig(4, 2, 4, 8, 4), TileConfig(1, 1, 2, 3, 3, 0, 4), TileConfig(2, 2, 1, 1, 4, 2, 2),
                 TileConfig(2, 4, 2, 2, 4, 0, 1, 4, raster=3, stream_out=True), TileConfig(1, 1, 1, 1, 2, raster=7)]:

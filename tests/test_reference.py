@@ -51,6 +51,44 @@ def test_pack_unpack_round_trip(rows, K, p, seed):
     assert not tail.any()
 
 
+def test_byte_layout_by_hand():
+    """byte i of words[0, r, w] is the value of (r, 4 w + i) as int8 / uint8; rows padded to 32 bytes."""
+    words = R.pack(np.array([[-1, 2, -128, 127, 5]]), "s8", "bytes")
+    assert words.shape == (1, 1, 8) and int(words[0, 0, 0]) == 0x7F80_02FF and int(words[0, 0, 1]) == 5
+    assert not words[0, 0, 2:].any()
+    assert int(R.pack(np.array([[255, 1]]), "u8", "bytes")[0, 0, 0]) == 0x01FF
+    assert int(R.pack(np.array([[1, -1]]), "b1", "bytes")[0, 0, 0]) == 0xFF01
+    assert [R.padded_words(k, "bytes") for k in (1, 32, 33, 147)] == [8, 8, 16, 40]
+    with pytest.raises(ValueError, match="packing: expected one of"):
+        R.padded_words(3, "nibbles")
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 9), st.integers(1, 300), st.sampled_from(ALL), st.integers(0, 2**32 - 1))
+def test_byte_pack_round_trip_and_product(rows, K, p, seed):
+    """Bytes hold the values: unpack gives the codes back, and the byte product with the byte
+    correction terms (dw = dx = 0) is the integer product, zero points included."""
+    rng = np.random.default_rng(seed)
+    codes = R.random_codes(rng, (rows, K), p)
+    words = R.pack(codes, p, "bytes")
+    assert words.shape == (1, rows, R.padded_words(K, "bytes"))
+    assert (R.unpack(words, p, K, "bytes") == codes).all()
+    assert not words.view(np.uint8).reshape(rows, -1)[:, K:].any()
+    x = R.random_codes(rng, (5, K), Precision(3))
+    zw = 1 if p.encoding.value == "unsigned" else 0
+    c_sw, c_sx, c_const = R.correction_terms(p, "u3", K, zw, 2, "bytes")
+    y = codes.astype(np.int64) @ x.T.astype(np.int64) + c_sw * R.row_sums(codes)[:, None] + c_sx * R.row_sums(x) + c_const
+    assert (y == R.matmul_int(codes, x, zw, 2)).all()
+
+
+def test_bytes_pay_counts_products():
+    assert R.bytes_pay("s8", "s8", 27) and R.bytes_pay("s8", "u8", 4096)  # 64 plane pairs
+    assert not R.bytes_pay("b1", "u2", 4096)  # 2 b1 mma per 256 k against 8 int8
+    assert R.bytes_pay("b1", "u2", 27)  # one 256-bit step for 27 features: 2 mma against 1
+    assert R.mma_kind("s8", "u8", "bytes") == "s8.u8" and R.mma_kind("b1", "u2", "bytes") == "s8.u8"
+    assert R.mma_kind("s8", "u8") == "b1"
+
+
 @settings(max_examples=300, deadline=None)
 @given(
     st.integers(1, 20), st.integers(1, 20), st.integers(1, 700),

@@ -7,7 +7,10 @@ The emulation (``apnumba.reference`` derives it)::
 (SW, SX: row sums of the codes; the c_ terms are zero unless an encoding is
 binary or a zero point is set - ``apnumba.reference.correction_terms``.)
 
-Every plane pair is one b1 ``mma.sync m16n8k256 .and.popc`` per 256 bits of K.
+Every plane pair is one b1 ``mma.sync m16n8k256 .and.popc`` per 256 bits of K.  Byte-packed
+operands (``mma="s8.u8"`` etc.: one plane of int8 values each, for products such as an 8-bit
+first layer where 64 plane pairs would cost more) take one int8 ``m16n8k32`` per 32 bytes
+instead - the same k-step of 8 words, the same fragments, everything else unchanged.
 One thread block computes every plane pair of its output tile in a single pass
 over K (APNN-TC's bit-plane batching); plane products live in registers and are
 combined there, in the epilogue, with the plane weights.
@@ -59,6 +62,7 @@ from numba import cuda, float32, int32, int64, uint32
 from .pack import code_range, quantize_scaled
 from .packed_ops import code_at, store_word
 from .ptx import (
+    SIMULATOR,
     cp_async_16,
     cp_async_commit,
     cp_async_wait,
@@ -70,6 +74,7 @@ from .ptx import (
     ldmatrix_x2,
     ldmatrix_x4,
     mma_m16n8k256_and,
+    mma_m16n8k32_int8,
     st_global_cs_v4,
     st_global_v4,
     st_shared,
@@ -95,6 +100,7 @@ class TileConfig:
     stage_steps: int = 0  # 256-bit k-steps per pipeline stage (a multiple of warps_k); 0 = warps_k
     raster: int = 0  # > 0: blocks run in groups of this many block-rows, column by column (L2 reuse)
     stream_out: bool = False  # store the output with evict-first (.cs) so it does not flush the operands from L2
+    min_blocks: int = 0  # > 0: ask ptxas (launch bounds) to fit this many blocks per SM in the registers
 
     def __post_init__(self):
         for name in ("warps_m", "warps_n", "mt", "nt", "warps_k"):
@@ -106,6 +112,8 @@ class TileConfig:
             raise ValueError(f"stage_steps: at most {MAX_SUB_STEPS} k-steps per warp group, got {self.steps // self.warps_k}")
         if self.stages < 2:
             raise ValueError(f"stages: expected >= 2, got {self.stages}")
+        if self.min_blocks < 0:
+            raise ValueError(f"min_blocks: expected >= 0, got {self.min_blocks}")
         if self.raster < 0:
             raise ValueError(f"raster: expected >= 0, got {self.raster}")
         if self.threads > MAX_THREADS:
@@ -155,24 +163,38 @@ class TileConfig:
         extra = (f"g{self.plane_group}" if self.plane_group else "") + (f"k{self.warps_k}" if self.warps_k > 1 else "")
         extra += f"x{self.steps}" if self.steps != self.warps_k else ""
         extra += (f"r{self.raster}" if self.raster else "") + ("c" if self.stream_out else "")
+        extra += f"b{self.min_blocks}" if self.min_blocks else ""
         return f"{self.warps_m}x{self.warps_n}w{self.mt}x{self.nt}t{self.stages}s{extra}"
 
 
+MMA_KINDS = ("b1", "s8.s8", "s8.u8", "u8.s8", "u8.u8")
+
+
+def _check_mma(mma, p, q):
+    if mma not in MMA_KINDS:
+        raise ValueError(f"mma: expected one of {MMA_KINDS}, got {mma!r}")
+    if mma != "b1" and (p, q) != (1, 1):
+        raise ValueError(f"mma: int8 operands are one plane of bytes each (p = q = 1), got p={p}, q={q}")
+
+
 @functools.lru_cache(maxsize=None)
-def apmm_kernel(p, q, config, out_float):
+def apmm_kernel(p, q, config, out_float, mma="b1"):
     """The APMM kernel specialised for p weight planes, q activation planes, a TileConfig and the output type.
 
+    ``mma``: "b1" (bit planes, AND + popc), or the int8 operand types ("s8.u8": W signed, X unsigned)
+    of byte-packed operands (one plane each: p = q = 1).
     Launch: grid (ceil(N / block_n), ceil(M / block_m)), block (config.threads,),
     dynamic shared memory config.shared_bytes(p, q).
     """
-    return _build(p, q, config, out_float, conv=False)
+    _check_mma(mma, p, q)
+    return _build(p, q, config, out_float, conv=False, mma=mma)
 
 
 OUT_KINDS = ("i32", "f32", "pack", "pack_max", "pack_avg")
 
 
 @functools.lru_cache(maxsize=None)
-def apconv_kernel(p, q, config, out):
+def apconv_kernel(p, q, config, out, mma="b1", epilogue=None):
     """The APConv kernel: the same pipeline with B gathered from NHWC activations (an implicit GEMM).
 
     M = output channels, N = output pixels (n, oh, ow), K = R * S taps x the padded channel words.
@@ -181,17 +203,24 @@ def apconv_kernel(p, q, config, out):
     "pack_max" / "pack_avg": the same with a 2x2 stride-2 pooling before the requantize (no residual).
     With pooling, GEMM row n is pixel (2 ph + (n & 2) / 2, 2 pw + (n & 1)) of pooled pixel n / 4, so
     each pooling window is 4 consecutive rows of one tile (floor mode: an odd last row/column is dropped).
+    ``mma`` as for :func:`apmm_kernel`.  ``epilogue``, for the packed outputs: the compile-time
+    (out_bits, out_encoding, res_bits, res_encoding, whole_rows) - the precisions' plane loops unroll
+    (res_bits 0: no residual), and with ``whole_rows`` (the block holds every output channel: M <=
+    block_m) a pixel's code sum is stored, not added atomically to a zeroed row sum.
     Launch: grid (ceil(N / block_n), ceil(M / block_m)), block (config.threads,),
     dynamic shared memory config.shared_bytes(p, q, conv=True).
     """
+    _check_mma(mma, p, q)
     if out not in OUT_KINDS:
         raise ValueError(f"out: expected one of {OUT_KINDS}, got {out!r}")
     if out.startswith("pack") and config.block_m % 32:
         raise ValueError(f"config: packing the output needs block_m a multiple of 32, got {config.block_m}")
-    return _build(p, q, config, out, conv=True)
+    if out.startswith("pack") and (epilogue is None or len(epilogue) != 5):
+        raise ValueError(f"epilogue: a packed output needs (out_bits, out_encoding, res_bits, res_encoding, whole_rows), got {epilogue!r}")
+    return _build(p, q, config, out, conv=True, mma=mma, epilogue=epilogue)
 
 
-def _build(p, q, config, out, conv):
+def _build(p, q, config, out, conv, mma, epilogue=None):
     PG = config.group(p)
     PASSES = config.passes(p)
     Q = q
@@ -224,9 +253,13 @@ def _build(p, q, config, out, conv):
     POOL = {"pack_max": 1, "pack_avg": 2}.get(out, 0) if isinstance(out, str) else 0  # 2x2/2 pooling
     OUT_DTYPE = float32 if OUT_FLOAT else int32
     WORDS_PER_COLUMN = BM // 32  # packed output: words of 32 channels per output pixel in the tile
+    OUT_BITS, OUT_ENC, RES_BITS, RES_ENC, WHOLE_ROWS = epilogue or (1, 0, 0, 0, False)
     RASTER, STREAM_OUT = config.raster, config.stream_out
     COLS4 = BN // 4  # 4-column groups of the output tile
     FIXED_COLUMNS = THREADS % COLS4 == 0  # every thread keeps the same column group in the epilogue
+    # One product per plane pair and k-step: b1 AND + popc over 256 bits, or int8 over 32 bytes
+    # (the same fragments, so everything else is shared).
+    mma_tile = mma_m16n8k256_and if mma == "b1" else mma_m16n8k32_int8(mma)
     wait_for_stage = cp_async_wait(STAGES - 2)
     wait_all = cp_async_wait(0)
     assert config.shared_bytes(p, q, conv) == 4 * max(STAGES * STAGE_WORDS, COL_BASE + COLUMNS * BN)
@@ -347,7 +380,7 @@ def _build(p, q, config, out, conv):
             for i in range(Q):
                 for mt in range(MT):
                     for nt in range(NT):
-                        d = mma_m16n8k256_and(
+                        d = mma_tile(
                             a_frag[j, mt, 0], a_frag[j, mt, 1], a_frag[j, mt, 2], a_frag[j, mt, 3],
                             b_frag[i, nt, 0], b_frag[i, nt, 1],
                             acc[j, i, mt, nt, 0], acc[j, i, mt, nt, 1],
@@ -740,41 +773,32 @@ def _build(p, q, config, out, conv):
 
         full = R * S * C
         if OUT_PACK:
-            # The fused epilogue, one warp per (pixel, 32 channels): affine, residual, ReLU and the next
-            # layer's quantizer on each lane's channel, then one ballot per bit plane packs the word.
-            out_bits = epi[0]
-            out_enc = epi[1]
+            # The fused epilogue, one warp per pixel, 32 channels a lane-sweep: affine, residual, ReLU and
+            # the next layer's quantizer on each lane's channel, then one ballot per bit plane packs the
+            # word.  The precisions are compile-time (plane loops unrolled); a lane's channel constants
+            # for every word of the tile are loaded once; a pixel's code sum is written once (stored when
+            # the block holds all its channels, else one atomic add to the zeroed sum).
             out_zp = epi[2]
             relu = epi[3]
-            res_bits = epi[4]
-            res_enc = epi[5]
             res_zp = epi[6]
             out_cw = epi[7]
             res_cw = epi[8]
-            lo, hi = code_range(out_bits, out_enc)
-            # Word by word (32 channels, one per lane): the lane's channel constants are loaded once,
-            # then the warps take the tile's pixels in turn and pack that word of each.
-            for wi in range(WORDS_PER_COLUMN):
-                m = m0 + 32 * wi + lane
-                valid = m < M
-                mc = min(m, M - 1)
-                ch_scale = scale[mc]
-                ch_bias = bias[mc]
-                ch_sum_w = sum_w[mc] if ex != 0 else 0
-                word = (m0 >> 5) + wi
-                if POOL:
-                    # Each window is 4 consecutive tile rows: ReLU'd values pooled in float32, then quantized.
-                    for wc in range(warp, BN // 4, THREADS // 32):
-                        n = n0 + 4 * wc
-                        if n < N:  # the same for the whole warp
-                            t0 = conv_value(smem, 4 * wc, wi, lane, c_k, ew, ex, full, ch_sum_w, mc, ch_scale, ch_bias,
-                                            tap_sums, H, W, R, S)
-                            t1 = conv_value(smem, 4 * wc + 1, wi, lane, c_k, ew, ex, full, ch_sum_w, mc, ch_scale,
-                                            ch_bias, tap_sums, H, W, R, S)
-                            t2 = conv_value(smem, 4 * wc + 2, wi, lane, c_k, ew, ex, full, ch_sum_w, mc, ch_scale,
-                                            ch_bias, tap_sums, H, W, R, S)
-                            t3 = conv_value(smem, 4 * wc + 3, wi, lane, c_k, ew, ex, full, ch_sum_w, mc, ch_scale,
-                                            ch_bias, tap_sums, H, W, R, S)
+            lo, hi = code_range(OUT_BITS, OUT_ENC)
+            word0 = m0 >> 5
+            if POOL:
+                # Each window is 4 consecutive tile rows: ReLU'd values pooled in float32, then quantized.
+                for wc in range(warp, BN // 4, THREADS // 32):
+                    n = n0 + 4 * wc
+                    if n < N:  # the same for the whole warp
+                        total = int32(0)
+                        for wi in range(WORDS_PER_COLUMN):  # (a loop LLVM keeps rolled: constants loaded here)
+                            m = m0 + 32 * wi + lane
+                            mc = min(m, M - 1)
+                            sc, bi, sw = scale[mc], bias[mc], (sum_w[mc] if ex != 0 else 0)
+                            t0 = conv_value(smem, 4 * wc, wi, lane, c_k, ew, ex, full, sw, mc, sc, bi, tap_sums, H, W, R, S)
+                            t1 = conv_value(smem, 4 * wc + 1, wi, lane, c_k, ew, ex, full, sw, mc, sc, bi, tap_sums, H, W, R, S)
+                            t2 = conv_value(smem, 4 * wc + 2, wi, lane, c_k, ew, ex, full, sw, mc, sc, bi, tap_sums, H, W, R, S)
+                            t3 = conv_value(smem, 4 * wc + 3, wi, lane, c_k, ew, ex, full, sw, mc, sc, bi, tap_sums, H, W, R, S)
                             if relu != 0:
                                 t0 = t0 if t0 > 0 else float32(0)
                                 t1 = t1 if t1 > 0 else float32(0)
@@ -784,24 +808,49 @@ def _build(p, q, config, out, conv):
                                 t = max(max(t0, t1), max(t2, t3))
                             else:  # (top pair + bottom pair) / 4, each sum rounded: the reference's order
                                 t = f32_mul_rn(f32_add_rn(f32_add_rn(t0, t1), f32_add_rn(t2, t3)), float32(0.25))
-                            pattern = quantize_scaled(t, out_zp, lo, hi, out_bits, out_enc) if valid else 0
-                            total = store_word(y, N >> 2, out_cw, out_bits, out_enc, n >> 2, word, lane, pattern, valid)
-                            if lane == 0:
+                            valid = m < M
+                            pattern = quantize_scaled(t, out_zp, lo, hi, OUT_BITS, OUT_ENC) if valid else 0
+                            total += store_word(y, N >> 2, out_cw, OUT_BITS, OUT_ENC, n >> 2, word0 + wi, lane, pattern,
+                                                valid)
+                        if lane == 0:
+                            if WHOLE_ROWS:
+                                y_rowsum[n >> 2] = total
+                            else:
                                 cuda.atomic.add(y_rowsum, n >> 2, total)
-                else:
-                    for cc in range(warp, BN, THREADS // 32):
-                        n = n0 + cc
-                        if n < N:  # the same for the whole warp: the ballots stay convergent
-                            t = conv_value(smem, cc, wi, lane, c_k, ew, ex, full, ch_sum_w, mc, ch_scale, ch_bias,
-                                           tap_sums, H, W, R, S)
-                            if res_bits > 0:
-                                rc = code_at(res_words, N, res_cw, res_bits, res_enc, n, word, lane)
+            else:
+                # A lane's channel constants for every word of the tile, loaded once (registers: the word
+                # loop below unrolls).
+                ch_valid = cuda.local.array(WORDS_PER_COLUMN, int32)
+                ch_m = cuda.local.array(WORDS_PER_COLUMN, int32)
+                ch_scale = cuda.local.array(WORDS_PER_COLUMN, float32)
+                ch_bias = cuda.local.array(WORDS_PER_COLUMN, float32)
+                ch_sum_w = cuda.local.array(WORDS_PER_COLUMN, int32)
+                for wi in range(WORDS_PER_COLUMN):
+                    m = m0 + 32 * wi + lane
+                    ch_valid[wi] = m < M
+                    ch_m[wi] = min(m, M - 1)
+                    ch_scale[wi] = scale[ch_m[wi]]
+                    ch_bias[wi] = bias[ch_m[wi]]
+                    ch_sum_w[wi] = sum_w[ch_m[wi]] if ex != 0 else 0
+                for cc in range(warp, BN, THREADS // 32):
+                    n = n0 + cc
+                    if n < N:  # the same for the whole warp: the ballots stay convergent
+                        total = int32(0)
+                        for wi in range(WORDS_PER_COLUMN):
+                            t = conv_value(smem, cc, wi, lane, c_k, ew, ex, full, ch_sum_w[wi], ch_m[wi], ch_scale[wi],
+                                           ch_bias[wi], tap_sums, H, W, R, S)
+                            if RES_BITS > 0:
+                                rc = code_at(res_words, N, res_cw, RES_BITS, RES_ENC, n, word0 + wi, lane)
                                 t = f32_add_rn(t, f32_mul_rn(float32(rc - res_zp), res_scale))
                             if relu != 0 and not t > 0:
                                 t = float32(0)
-                            pattern = quantize_scaled(t, out_zp, lo, hi, out_bits, out_enc) if valid else 0  # scale 1
-                            total = store_word(y, N, out_cw, out_bits, out_enc, n, word, lane, pattern, valid)
-                            if lane == 0:
+                            valid = ch_valid[wi] != 0
+                            pattern = quantize_scaled(t, out_zp, lo, hi, OUT_BITS, OUT_ENC) if valid else 0  # scale 1
+                            total += store_word(y, N, out_cw, OUT_BITS, OUT_ENC, n, word0 + wi, lane, pattern, valid)
+                        if lane == 0:
+                            if WHOLE_ROWS:
+                                y_rowsum[n] = total
+                            else:
                                 cuda.atomic.add(y_rowsum, n, total)
         else:
             # Epilogue step 2 along m (NHWC is channel-contiguous): corrections, then int32 or float32.
@@ -836,6 +885,10 @@ def _build(p, q, config, out, conv):
 
     kernel = apconv if conv else apmm
     kind = out if OUT_PACK else ("f32" if OUT_FLOAT else "i32")
+    if OUT_PACK:
+        kind += f"_{'usb'[OUT_ENC]}{OUT_BITS}" + (f"_res{'usb'[RES_ENC]}{RES_BITS}" if RES_BITS else "") + ("_w" if WHOLE_ROWS else "")
     kernel.__name__ = f"{'apconv' if conv else 'apmm'}_w{p}a{q}_{config.short()}_{kind}"
     kernel.__qualname__ = kernel.__name__
+    if config.min_blocks and not SIMULATOR:  # (the simulator's jit takes no launch bounds)
+        return cuda.jit(kernel, launch_bounds=(THREADS, config.min_blocks))
     return cuda.jit(kernel)

@@ -20,9 +20,9 @@ The quantizer arithmetic is the reference's, operation for operation
 
 import functools
 
-from numba import cuda, float32, int32, uint32
+from numba import cuda, float32, int8, int32, uint8, uint32
 
-from .ptx import ballot, divmod_u32, f32_div_rn, f32_rint, popc32
+from .ptx import ballot, divmod_u32, f32_div_rn, f32_rint, popc32, shfl_idx
 
 WARPS_PER_BLOCK = 8
 CHUNK_WORDS = 8  # 256 bits: the K padding unit
@@ -52,15 +52,23 @@ def code_range(bits, encoding):
 
 
 @cuda.jit(device=True, inline="always")
-def quantize_scaled(t, zero_point, lo, hi, bits, encoding):
-    """float32 value already divided by its scale -> the bit pattern of its code (the reference quantizer)."""
+def quantize_code(t, zero_point, lo, hi, encoding):
+    """float32 value already divided by its scale -> its code (the reference quantizer)."""
     if encoding == ENC_BINARY:
-        return int32(1) if (t >= 0 or t != t) else int32(0)
+        return int32(1) if (t >= 0 or t != t) else int32(-1)
     t = f32_rint(t)
     if t != t:
         t = float32(0)
     t = min(max(t, float32(lo - zero_point)), float32(hi - zero_point))
-    code = int32(t) + zero_point
+    return int32(t) + zero_point
+
+
+@cuda.jit(device=True, inline="always")
+def quantize_scaled(t, zero_point, lo, hi, bits, encoding):
+    """float32 value already divided by its scale -> the bit pattern of its code (the reference quantizer)."""
+    code = quantize_code(t, zero_point, lo, hi, encoding)
+    if encoding == ENC_BINARY:
+        return (code + 1) >> 1
     return code & ((int32(1) << bits) - 1)
 
 
@@ -174,6 +182,144 @@ def pack_patches_kernel(bits, encoding):
             if encoding == ENC_BINARY:
                 total -= popc32(ballot(k < features))
         if lane == 0:
+            rowsum[row] = total
+
+    return kernel
+
+
+
+def byte_segment(words):
+    """Lanes per row of the byte packers for rows of ``words`` words: the next power of two, at most 32
+    (a 27-feature row of 7 words shares its warp with 3 other rows)."""
+    segment = 1
+    while segment < min(words, 32):
+        segment *= 2
+    return segment
+
+
+def _segment_sum(segment):
+    @cuda.jit(device=True, inline="always")
+    def segment_sum(total, lane):
+        """Butterfly over the ``segment`` lanes of a row: every one of them ends with the row's sum."""
+        shift = segment // 2
+        while shift > 0:
+            total += shfl_idx(total, lane ^ shift)
+            shift //= 2
+        return total
+
+    return segment_sum
+
+
+@functools.lru_cache(maxsize=None)
+def pack_rows_bytes_kernel(bits, encoding, segment):
+    """Quantize float rows (rows x K, row stride ld) into byte-packed rows (``reference``: byte packing):
+    a code is one byte, so no ballots - a lane quantizes 4 features and stores their word.
+
+    ``segment`` (a power of two <= 32) lanes share one row, 32 / segment rows a warp; lane j of a
+    segment takes words j, j + segment, ...; the segment adds the codes by shuffles into ``rowsum``.
+    scale: float32 per row (scale_step 1) or one (0).  Launch: grid ceil(rows / (WARPS_PER_BLOCK *
+    32 / segment)), block 32 * WARPS_PER_BLOCK.
+    """
+    ROWS_PER_WARP = 32 // segment
+    segment_sum = _segment_sum(segment)
+
+    @cuda.jit
+    def kernel(x, rows, K, ld, scale, scale_step, zero_point, words, kwords, rowsum):
+        lane = cuda.threadIdx.x & 31
+        row = (cuda.blockIdx.x * WARPS_PER_BLOCK + (cuda.threadIdx.x >> 5)) * ROWS_PER_WARP + lane // segment
+        live = row < rows
+        row = min(row, rows - 1)  # dead lanes redo the last row and store nothing: the shuffles stay whole
+        lo, hi = code_range(bits, encoding)
+        s = float32(scale[row * scale_step])
+        total = int32(0)
+        for word in range(lane % segment, (K + 3) // 4, segment):  # padding words stay zero from allocation
+            packed = uint32(0)
+            for b in range(4):
+                k = word * 4 + b
+                v = float32(x[row * ld + min(k, K - 1)])
+                code = quantize_code(f32_div_rn(v, s), zero_point, lo, hi, encoding) if k < K else int32(0)
+                packed |= uint32(code & 0xFF) << (8 * b)
+                total += code
+            if live:
+                words[row * kwords + word] = packed
+        total = segment_sum(total, lane)
+        if live and lane % segment == 0:
+            rowsum[row] = total
+
+    return kernel
+
+
+@functools.lru_cache(maxsize=None)
+def quantize_image_bytes_kernel(bits, encoding):
+    """Step 1 of a byte-packed first layer: float images (N, H, W, C by ``strides``, NCHW or NHWC) ->
+    one code byte per value, NHWC.  Each input value is quantized once here, not once per receptive
+    field it falls in (49/4 times for a 7x7 stride-2 stem).  One thread per value; grid ceil(N*H*W*C / 256)."""
+
+    @cuda.jit
+    def kernel(x, geometry, strides, scale, zero_point, codes):
+        i = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
+        N, H, W, C = geometry[0], geometry[1], geometry[2], geometry[3]
+        if i >= N * H * W * C:
+            return
+        pixel, c = divmod_u32(i, C)
+        img, hw = divmod_u32(pixel, H * W)
+        h, w = divmod_u32(hw, W)
+        v = float32(x[img * strides[0] + h * strides[1] + w * strides[2] + c * strides[3]])
+        lo, hi = code_range(bits, encoding)
+        codes[i] = uint8(quantize_code(f32_div_rn(v, float32(scale[0])), zero_point, lo, hi, encoding) & 0xFF)
+
+    return kernel
+
+
+@functools.lru_cache(maxsize=None)
+def gather_patches_bytes_kernel(signed, segment):
+    """Step 2: each output pixel's receptive field from the NHWC code bytes, as one byte-packed row.
+
+    Row = output pixel (n, oh, ow); k = (r * S + s) * C + c.  Within filter row r the S * C features
+    are consecutive bytes of input row ih = oh * stride - pad + r, starting at column ow * stride - pad,
+    so a feature costs a compare and a byte load (no division); bytes outside the image are
+    ``pad_code`` (the code of 0.0).  Lanes and segments as in :func:`pack_rows_bytes_kernel`.
+    geometry: [N, H, W, C, R, S, stride, padding, OH, OW]."""
+    ROWS_PER_WARP = 32 // segment
+    segment_sum = _segment_sum(segment)
+
+    @cuda.jit
+    def kernel(codes, geometry, pad_code, words, kwords, rowsum):
+        lane = cuda.threadIdx.x & 31
+        row = (cuda.blockIdx.x * WARPS_PER_BLOCK + (cuda.threadIdx.x >> 5)) * ROWS_PER_WARP + lane // segment
+        N, H, W, C = geometry[0], geometry[1], geometry[2], geometry[3]
+        R, S, stride, pad, OH, OW = geometry[4], geometry[5], geometry[6], geometry[7], geometry[8], geometry[9]
+        rows = N * OH * OW
+        live = row < rows
+        row = min(row, rows - 1)
+        img, rest = divmod_u32(row, OH * OW)
+        oh, ow = divmod_u32(rest, OW)
+        SC = S * C
+        features = R * SC
+        iw0 = int32(ow) * stride - pad  # first input column of the field
+        j_lo = max(-iw0, 0) * C  # bytes of a filter row inside the image: [j_lo, j_hi)
+        j_hi = min(W - iw0, S) * C
+        ih0 = int32(oh) * stride - pad
+        image_row0 = int32(img) * H  # input row index of (img, 0)
+        total = int32(0)
+        for word in range(lane % segment, (features + 3) // 4, segment):
+            r, j = divmod_u32(word * 4, SC)
+            r, j = int32(r), int32(j)
+            packed = uint32(0)
+            for b in range(4):
+                ih = ih0 + r
+                inside = ih >= 0 and ih < H and j >= j_lo and j < j_hi and r < R
+                byte = codes[((image_row0 + ih) * W + iw0) * C + j] if inside else uint8(pad_code if r < R else 0)
+                packed |= uint32(byte) << (8 * b)
+                total += int32(int8(byte)) if signed else int32(byte)
+                j += 1
+                if j == SC:
+                    j = 0
+                    r += 1
+            if live:
+                words[row * kwords + word] = packed
+        total = segment_sum(total, lane)
+        if live and lane % segment == 0:
             rowsum[row] = total
 
     return kernel

@@ -21,6 +21,14 @@ of K, the same bit order in A and B)::
     m8n8k128   a = A[g] word t      b = B[:, g] word t
                d0, d1 = D[g][2t], D[g][2t+1]
 
+int8 tensor-core products, for operands stored as bytes (``reference``: byte packing)::
+
+    mma.sync.aligned.m16n8k32.row.col.s32.{s8|u8}.{s8|u8}.s32
+        D[16 x 8] = A[16 x 32 int8] B[32 x 8 int8] + C
+
+Its fragments are the m16n8k256 ones word for word (a word is 4 consecutive k), so the
+same shared-memory stages and ldmatrix loads feed it: one k-step is 32 bytes either way.
+
 Why AND only: on sm_90 the ``.xor.popc`` form is not native - ptxas expands it
 into two AND BMMAs plus NOTs and it runs 6.5x slower (see
 ``shared/notes/hopper-b1-and-numba.md``).  Every encoding apnumba supports is
@@ -40,6 +48,7 @@ __all__ = [
     "mma_m16n8k256_xor",
     "mma_m8n8k128_and",
     "mma_m8n8k128_xor",
+    "mma_m16n8k32_int8",
     "popc32",
     "ldmatrix_x4",
     "ldmatrix_x2",
@@ -72,6 +81,7 @@ if SIMULATOR:
         mma_m16n8k256_xor,
         mma_m8n8k128_and,
         mma_m8n8k128_xor,
+        mma_m16n8k32_int8,
         popc32,
         ldmatrix_x4,
         ldmatrix_x2,
@@ -103,12 +113,15 @@ else:
         return [context.cast(builder, v, t, types.int32) for v, t in zip(args, sig.args)]
 
     def _mma_asm(shape, op, n_d, n_a, n_b):
-        """An InlineAsm node for one b1 mma: outputs d, inputs a, b, c (c as many as d)."""
+        """An InlineAsm node for one mma: outputs d, inputs a, b, c (c as many as d).
+
+        op: "and" / "xor" (b1 with popc), or int8 operand types such as "s8.u8"."""
         ops = [f"${i}" for i in range(n_d + n_a + n_b + n_d)]
         d, a = ops[:n_d], ops[n_d : n_d + n_a]
         b, c = ops[n_d + n_a : n_d + n_a + n_b], ops[n_d + n_a + n_b :]
+        kind = f"b1.b1.s32.{op}.popc" if op in ("and", "xor") else f"{op}.s32"
         text = (
-            f"mma.sync.aligned.{shape}.row.col.s32.b1.b1.s32.{op}.popc "
+            f"mma.sync.aligned.{shape}.row.col.s32.{kind} "
             f"{{{','.join(d)}}}, {{{','.join(a)}}}, {{{','.join(b)}}}, {{{','.join(c)}}};"
         )
         constraints = ",".join(["=r"] * n_d + ["r"] * (n_a + n_b + n_d))
@@ -149,6 +162,21 @@ else:
 
         mma_m8n8k128.__doc__ = f"(d0, d1) = popc(A {op.upper()} B) + C for one m8n8k128 b1 tile."
         return mma_m8n8k128
+
+    @functools.lru_cache(maxsize=None)
+    def mma_m16n8k32_int8(types_ab):
+        """The int8 mma for operand types ``types_ab`` ("s8.s8", "s8.u8", "u8.s8" or "u8.u8"):
+        (d0, d1, d2, d3) = A B + C for one m16n8k32 tile (module doc: fragments)."""
+        if types_ab not in ("s8.s8", "s8.u8", "u8.s8", "u8.u8"):
+            raise ValueError(f"types_ab: expected 's8' or 'u8' for each operand, e.g. 's8.u8', got {types_ab!r}")
+        codegen = _emit_mma("m16n8k32", types_ab, 4, 4, 2)
+
+        @intrinsic
+        def mma_m16n8k32(typingctx, a0, a1, a2, a3, b0, b1, c0, c1, c2, c3):
+            sig = types.UniTuple(types.int32, 4)(a0, a1, a2, a3, b0, b1, c0, c1, c2, c3)
+            return sig, codegen
+
+        return mma_m16n8k32
 
     mma_m16n8k256_and = _make_m16n8k256("and")
     mma_m16n8k256_xor = _make_m16n8k256("xor")

@@ -93,6 +93,33 @@ def _mma_m8n8k128(op, a, b, c0, c1):
     return np.int32(D[g, 2 * t]), np.int32(D[g, 2 * t + 1])
 
 
+def _bytes(words, signed):
+    """(rows, words) 32-bit words -> (rows, 4 * words) int64 bytes, little-endian (k = 4 * word + byte)."""
+    b = (np.asarray(words, dtype=np.int64) & 0xFFFFFFFF).astype("<u4").view(np.uint8).astype(np.int64)
+    return np.where(b >= 128, b - 256, b) if signed else b
+
+
+def mma_m16n8k32_int8(types_ab):
+    a_signed, b_signed = (t == "s8" for t in types_ab.split("."))
+
+    def mma(a0, a1, a2, a3, b0, b1, c0, c1, c2, c3):
+        lanes = _warp_exchange((a0, a1, a2, a3, b0, b1, c0, c1, c2, c3))
+        A = np.zeros((16, 8), dtype=np.int64)
+        B = np.zeros((8, 8), dtype=np.int64)  # B[col][word]
+        C = np.zeros((16, 8), dtype=np.int64)
+        for lane, (x0, x1, x2, x3, y0, y1, z0, z1, z2, z3) in enumerate(lanes):
+            g, t = lane >> 2, lane & 3
+            A[g, t], A[g + 8, t], A[g, 4 + t], A[g + 8, 4 + t] = x0, x1, x2, x3
+            B[g, t], B[g, 4 + t] = y0, y1
+            C[g, 2 * t], C[g, 2 * t + 1], C[g + 8, 2 * t], C[g + 8, 2 * t + 1] = z0, z1, z2, z3
+        D = _bytes(A, a_signed) @ _bytes(B, b_signed).T + C
+        g, t = _lane() >> 2, _lane() & 3
+        out = (D[g, 2 * t], D[g, 2 * t + 1], D[g + 8, 2 * t], D[g + 8, 2 * t + 1])
+        return tuple(np.int32(np.int64(v).astype(np.int32)) for v in out)
+
+    return mma
+
+
 def mma_m16n8k256_and(a0, a1, a2, a3, b0, b1, c0, c1, c2, c3):
     return _mma_m16n8k256("and", a0, a1, a2, a3, b0, b1, c0, c1, c2, c3)
 

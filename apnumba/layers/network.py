@@ -52,6 +52,7 @@ class PlannedTensor:
     precision: object
     zero_point: int = 0
     image: tuple = None
+    packing: str = "bits"
 
     @property
     def K(self):
@@ -188,15 +189,19 @@ class Network:
         else:
             if first:
                 act = self.input_act
+                features = layer.kernel_size ** 2 * layer.in_channels
+                # The receptive fields as int8 bytes where the int8 tensor cores issue fewer products than
+                # the plane pairs (an 8-bit first layer: 1 mma per 32 features instead of 64 per 256).
+                packing = "bytes" if reference.bytes_pay(layer.weight_precision, act.precision, features) else "bits"
                 if self.on_gpu:
                     x = PackedTensor.from_patches(self.input, layer.kernel_size, layer.stride, layer.padding,
-                                                  act.precision, act.scale, act.zero_point, self.layout)
+                                                  act.precision, act.scale, act.zero_point, self.layout,
+                                                  packing=packing)
                 else:
                     H, W = self.input_shape[2:] if self.layout == "NCHW" else self.input_shape[1:3]
                     OH = reference.conv_output_size(H, layer.kernel_size, layer.stride, layer.padding)
                     OW = reference.conv_output_size(W, layer.kernel_size, layer.stride, layer.padding)
-                    x = PlannedTensor((N * OH * OW, layer.kernel_size ** 2 * layer.in_channels), act.precision,
-                                      act.zero_point, (N, OH, OW))
+                    x = PlannedTensor((N * OH * OW, features), act.precision, act.zero_point, (N, OH, OW), packing)
                 self.steps.append(Step(f"{name} (input pack)", lambda: PackedTensor.from_patches(
                     self.input, layer.kernel_size, layer.stride, layer.padding, out=x, layout=self.layout,
                     stream=self.stream), self._ref_patches(layer), self.input, x))
@@ -212,7 +217,8 @@ class Network:
             OH = reference.conv_output_size(x.image[1], k, stride, padding)
             OW = reference.conv_output_size(x.image[2], k, stride, padding)
             macs = N * OH * OW * layer.out_channels * w_codes.shape[3] * k * k
-        weight = PackedConvWeight.from_codes(w_codes, layer.weight_precision) if self.on_gpu else None
+        packing = getattr(x, "packing", "bits")
+        weight = PackedConvWeight.from_codes(w_codes, layer.weight_precision, packing=packing) if self.on_gpu else None
         out_act = None if final else layer.out_act
         if out_act is None and not final:
             raise PlanError(f"{name}: needs out_act (how its output is quantized) unless it is the last layer")
@@ -244,7 +250,8 @@ class Network:
 
             def ref(codes, results):  # the unfused order: requantize, then torch's MaxPool2d(2, 2) on the codes
                 return reference.max_pool_codes(conv_ref(codes, results), 2, 2, 0)
-        self.steps.append(Step(name, launch, ref, x, out, 2.0 * macs, {"tile": launch.config.short() if launch else ""}))
+        tile = " ".join(filter(None, [launch.config.short() if launch else "", "int8" if packing == "bytes" else ""]))
+        self.steps.append(Step(name, launch, ref, x, out, 2.0 * macs, {"tile": tile}))
         self.cur = out if final else (out, out_act)
         return self.cur
 

@@ -45,6 +45,38 @@ def test_apmm_one_tile(rng, pw, px, cfg, M, N, K, out_float, layout):
     check_apmm(rng, Precision.parse(pw), Precision.parse(px), M, N, K, cfg, out_float, layout, w_extreme=True)
 
 
+# Byte-packed operands through the same kernel on the int8 mma (any precision: values as int8 / uint8).
+BYTE_CASES = [
+    ("s8", "u8", TileConfig(1, 1, 1, 2, 2), 13, 11, 70, False),
+    ("u8", "s8", TileConfig(1, 1, 1, 1, 2, 0, 2), 9, 5, 100, True),  # K split over 2 warps, ragged k-step
+    ("b1", "u3", TileConfig(1, 1, 1, 2, 2), 16, 9, 33, False),
+    ("s4", "s8", TileConfig(1, 1, 1, 1, 2, 0, 1, 2), 7, 8, 90, False),  # 2 k-steps a stage
+]
+
+
+@pytest.mark.parametrize("pw,px,cfg,M,N,K,out_float", BYTE_CASES, ids=[f"{c[0]}x{c[1]}-{c[2].short()}" for c in BYTE_CASES])
+def test_apmm_bytes(rng, pw, px, cfg, M, N, K, out_float):
+    check_apmm(rng, Precision.parse(pw), Precision.parse(px), M, N, K, cfg, out_float, w_extreme=True, packing="bytes")
+
+
+def test_apmm_bytes_zero_points(rng):
+    check_apmm(rng, Precision.parse("u8"), Precision.parse("u5"), 6, 9, 80, TileConfig(1, 1, 1, 2, 2), zw=100, zx=3,
+               packing="bytes")
+
+
+@pytest.mark.parametrize("prec", ["s8", "u8", "b1"])
+def test_pack_bytes(rng, prec):
+    check_pack(rng, 5, 37, Precision.parse(prec), zero_point=7 if prec == "u8" else 0, per_row_scale=True, packing="bytes")
+
+
+def test_apconv_bytes(rng):
+    """A byte-packed conv with borders and a zero point, and the first layer's case: 1x1 with the fused epilogue."""
+    check_conv(rng, Precision.parse("u8"), Precision.parse("s8"), (1, 5, 4, 11), 16, 3, 1, 1,
+               TileConfig(1, 1, 1, 2, 2), zx=5, packing="bytes")
+    check_conv_packed(rng, Precision.parse("s8"), Precision.parse("s8"), (1, 4, 4, 27), 32, 1, 1, 0,
+                      Precision.parse("u2"), config=TileConfig(2, 1, 1, 2, 2), pool="max", packing="bytes")
+
+
 def test_apmm_zero_points(rng):
     check_apmm(rng, Precision.parse("u3"), Precision.parse("u2"), 6, 9, 80, TileConfig(1, 1, 1, 2, 2), zw=5, zx=1)
 
@@ -161,6 +193,12 @@ def test_first_layer_patches(rng, layout):
     expect = quantize(R.patches(x, 3, 3, 2, 1), "s8", 0.05)
     assert t.image == (2, 3, 3) and t.shape == (18, 27)
     assert (t.words_host() == R.pack(expect, "s8")).all() and (t.rowsum_host() == R.row_sums(expect)).all()
+    # Byte packing: the image quantized once, fields gathered; outside the image the code of 0.0 (zp, +1).
+    for prec, zp in (("s8", 0), ("u8", 7), ("b1", 0)):
+        b = PackedTensor.from_patches(arg, 3, 2, 1, prec, scale=0.05, zero_point=zp, layout=layout, packing="bytes")
+        expect = quantize(R.patches(x, 3, 3, 2, 1), prec, 0.05, zp)
+        assert b.packing == "bytes" and b.words.shape == (1, 18, 8)
+        assert (b.words_host() == R.pack(expect, prec, "bytes")).all() and (b.rowsum_host() == R.row_sums(expect)).all()
 
 
 def test_two_bindings_of_one_kernel_keep_their_own_grids(rng):
