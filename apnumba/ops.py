@@ -62,7 +62,7 @@ def _pool(x, out, mode, kernel_size, stride, padding, out_image, multiplier, str
     out.image = out_image
     geometry = _i32([N, H, W, x.K, kernel_size, stride, padding, OH, OW, x.kwords])
     params = _i32([x.zero_point, out.zero_point])
-    kernel = K.pool_kernel(mode, x.bits, x.precision.encoding.code, out.bits, out.precision.encoding.code)
+    kernel = K.pool_kernel(mode, x.bits, x.precision.encoding.code, out.bits, out.precision.encoding.code, kernel_size)
     zero_fill(out.rowsum, stream or cuda.default_stream())  # the warps of a row's words add their code sums
     _launch(kernel, N * OH * OW * -(-x.K // 32), stream, x.words.reshape(x.words.size), geometry, params,
             np.float32(multiplier), out.words.reshape(out.words.size), out.rowsum)

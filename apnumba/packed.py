@@ -25,6 +25,13 @@ def _cached_i32(values):
     return cuda.to_device(np.asarray(values, np.int32))
 
 
+@functools.lru_cache(maxsize=None)
+def _resident_blocks():
+    """Blocks of 256 threads the GPU runs at once (8 per SM): the size of a grid-stride launch (the
+    simulator's one block makes every loop of it run several times)."""
+    return 8 * getattr(cuda.get_current_device(), "MULTIPROCESSOR_COUNT", 1 / 8)
+
+
 def _rows(codes, name):
     """(rows, K) codes and the image shape (N, H, W) if they were NHWC images."""
     if codes.ndim == 4:
@@ -199,12 +206,16 @@ class PackedTensor:
         if codes is None or codes.size != values:
             codes = self._image_codes = cuda.device_array(values, np.uint8)
         encoding = self.precision.encoding
+        channels_last = int(strides[3] == 1)
         pack_kernels.quantize_image_bytes_kernel(self.bits, encoding.code)[-(-values // 256), 256, stream](
-            flat_x, geometry, _cached_i32(tuple(strides)), self._scale_dev, self.zero_point, codes)
+            flat_x, geometry, _cached_i32(tuple(strides)), channels_last, self._scale_dev, self.zero_point, codes)
         segment = pack_kernels.byte_segment(-(-self.K // 4))
+        kernel = pack_kernels.gather_patches_bytes_kernel(encoding.code != pack_kernels.ENC_UNSIGNED, segment,
+                                                          pack_kernels.gather_words_per_lane(self.K, segment))
         pad_code = 1 if encoding.code == pack_kernels.ENC_BINARY else self.zero_point  # the code of 0.0
-        kernel = pack_kernels.gather_patches_bytes_kernel(encoding.code != pack_kernels.ENC_UNSIGNED, segment)
-        kernel[-(-self.rows // (pack_kernels.WARPS_PER_BLOCK * (32 // segment))), 32 * pack_kernels.WARPS_PER_BLOCK, stream](
+        rows_per_block = pack_kernels.WARPS_PER_BLOCK * (32 // segment)
+        blocks = min(-(-self.rows // rows_per_block), int(_resident_blocks()))  # each warp walks many rows
+        kernel[blocks, 32 * pack_kernels.WARPS_PER_BLOCK, stream](
             codes, geometry, pad_code, self.words.reshape(self.words.size), self.kwords, self.rowsum)
 
     def codes(self, stream=0):

@@ -99,10 +99,10 @@ def test_pack_bytes_kernels(cc):
         )
         image = sass.compile_kernel(
             pack.quantize_image_bytes_kernel(bits, enc).py_func,
-            "void(float16[::1], int32[::1], int32[::1], float32[::1], int32, uint8[::1])", cc,
+            "void(float16[::1], int32[::1], int32[::1], int32, float32[::1], int32, uint8[::1])", cc,
         )
         gather = sass.compile_kernel(
-            pack.gather_patches_bytes_kernel(enc != pack.ENC_UNSIGNED, segment).py_func,
+            pack.gather_patches_bytes_kernel(enc != pack.ENC_UNSIGNED, segment, {1: 1, 8: 1, 32: 3}[segment]).py_func,
             "void(uint8[::1], int32[::1], int32, uint32[::1], int32, int32[::1])", cc,
         )
         for c in (rows, image, gather):
@@ -216,15 +216,20 @@ def _check_apconv(p, q, shape, out):
     print(f"apconv w{p}a{q} {cfg.short()} {out}: {c.registers} registers")
 
 
-@pytest.mark.parametrize("mode,bits,enc,out_bits,out_enc", [(0, 2, 0, 2, 0), (1, 8, 1, 4, 0), (0, 1, 2, 1, 2)])
-def test_pool_kernels(mode, bits, enc, out_bits, out_enc):
+@pytest.mark.parametrize("mode,bits,enc,out_bits,out_enc,k", [(0, 2, 0, 2, 0, 3), (1, 8, 1, 4, 0, 2), (0, 1, 2, 1, 2, 3)])
+def test_pool_kernels(mode, bits, enc, out_bits, out_enc, k):
     from apnumba.kernels import packed_ops
 
-    kernel = packed_ops.pool_kernel(mode, bits, enc, out_bits, out_enc)
+    kernel = packed_ops.pool_kernel(mode, bits, enc, out_bits, out_enc, k)
     c = sass.compile_kernel(kernel.py_func, "void(uint32[::1], int32[::1], int32[::1], float32, uint32[::1], int32[::1])",
                             (9, 0))
     check_clean(c, bmma=None)
-    assert c.opcodes()["VOTE.ANY"] >= out_bits  # the output planes' ballots unrolled
+    ops = c.opcodes()
+    assert ops["VOTE.ANY"] >= out_bits  # the output planes' ballots unrolled
+    loads = sum(v for op, v in ops.items() if op.startswith("LDG"))
+    # every tap's plane words loaded in straight-line code, none behind a branch of its own (ptxas may
+    # keep a long plane loop rolled: count two planes a tap at least)
+    assert loads >= k * k * min(bits, 2), loads
 
 
 @pytest.mark.parametrize("name,sig", [

@@ -52,9 +52,10 @@ def store_word(out, rows, cwords, bits, encoding, row, word, lane, pattern, vali
 
 
 @functools.lru_cache(maxsize=None)
-def pool_kernel(mode, bits, enc, out_bits, out_enc):
-    """The pooling kernel for one (mode, input precision, output precision): compile-time constants, so
-    the plane loops unroll and the planes' weights fold (the kernel is instruction bound)."""
+def pool_kernel(mode, bits, enc, out_bits, out_enc, kernel_size):
+    """The pooling kernel for one (mode, input precision, output precision, window): compile-time
+    constants, so the plane and tap loops unroll, the planes' weights fold, and every tap's loads are
+    issued before the first is used (a clamped address, masked after: no branch around a load)."""
 
     @cuda.jit
     def kernel(x, geometry, params, multiplier, out, out_rowsum):
@@ -62,7 +63,8 @@ def pool_kernel(mode, bits, enc, out_bits, out_enc):
         One warp per (output row, channel word): N * OH * OW * ceil(C / 32) warps; out_rowsum zeroed first."""
         lane = cuda.threadIdx.x & 31
         N, H, W, C = geometry[0], geometry[1], geometry[2], geometry[3]
-        k, stride, pad, OH, OW, cwords = geometry[4], geometry[5], geometry[6], geometry[7], geometry[8], geometry[9]
+        stride, pad, OH, OW, cwords = geometry[5], geometry[6], geometry[7], geometry[8], geometry[9]
+        k = kernel_size
         row, word = divmod_u32(cuda.blockIdx.x * WARPS_PER_BLOCK + (cuda.threadIdx.x >> 5), (C + 31) // 32)
         if row >= N * OH * OW:
             return  # whole warps leave together
@@ -78,10 +80,11 @@ def pool_kernel(mode, bits, enc, out_bits, out_enc):
             for s in range(k):
                 ih = oh * stride - pad + r
                 iw = ow * stride - pad + s
-                if ih >= 0 and ih < H and iw >= 0 and iw < W:
-                    code = code_at(x, rows_in, cwords, bits, enc, (img * H + ih) * W + iw, word, lane)
-                    best = max(best, code)
-                    acc += code - zp
+                inside = ih >= 0 and ih < H and iw >= 0 and iw < W
+                at = (img * H + min(max(ih, 0), H - 1)) * W + min(max(iw, 0), W - 1)
+                code = code_at(x, rows_in, cwords, bits, enc, at, word, lane)
+                best = max(best, code) if inside else best
+                acc += code - zp if inside else 0
         if mode == POOL_MAX:
             pattern = encode_code(best, out_bits, out_enc)
         else:
