@@ -279,7 +279,8 @@ def quantize_image_bytes_kernel(bits, encoding):
 
 def gather_words_per_lane(features, segment):
     """Words of a receptive field of ``features`` bytes that each lane of a ``segment`` packs."""
-    return -(-(-(-features // 4)) // segment)
+    words = -(-features // 4)
+    return -(-words // segment)
 
 
 @functools.lru_cache(maxsize=None)
