@@ -183,9 +183,9 @@ class PackedTensor:
         if not hasattr(self, "_scale_dev"):
             self._scale_dev = cuda.to_device(self.scale)
         if self.packing == "bytes":
-            segment = pack_kernels.byte_segment(-(-K // 4))
+            segment, blocks = self._byte_rows_grid()
             kernel = pack_kernels.pack_rows_bytes_kernel(self.bits, self.precision.encoding.code, segment)
-            kernel[-(-rows // (pack_kernels.WARPS_PER_BLOCK * (32 // segment))), 32 * pack_kernels.WARPS_PER_BLOCK, stream](
+            kernel[blocks, 32 * pack_kernels.WARPS_PER_BLOCK, stream](
                 x.reshape(rows * K), rows, K, K, self._scale_dev, 1, self.zero_point,
                 self.words.reshape(self.words.size), self.kwords, self.rowsum,
             )
@@ -198,6 +198,11 @@ class PackedTensor:
         )
         return self
 
+    def _byte_rows_grid(self):
+        """(lanes per row, blocks to cover every row) of the byte packers' segment layout."""
+        segment = pack_kernels.byte_segment(-(-self.K // 4))
+        return segment, -(-self.rows // (pack_kernels.WARPS_PER_BLOCK * (32 // segment)))
+
     def _pack_patches_bytes(self, flat_x, geometry, strides, values, stream):
         """Byte-packed receptive fields in two launches: quantize every input value once into NHWC code
         bytes (a buffer kept with this tensor, so a network allocates it once), then gather the rows."""
@@ -209,12 +214,11 @@ class PackedTensor:
         channels_last = int(strides[3] == 1)
         pack_kernels.quantize_image_bytes_kernel(self.bits, encoding.code)[-(-values // 256), 256, stream](
             flat_x, geometry, _cached_i32(tuple(strides)), channels_last, self._scale_dev, self.zero_point, codes)
-        segment = pack_kernels.byte_segment(-(-self.K // 4))
+        segment, blocks = self._byte_rows_grid()
         kernel = pack_kernels.gather_patches_bytes_kernel(encoding.code != pack_kernels.ENC_UNSIGNED, segment,
                                                           pack_kernels.gather_words_per_lane(self.K, segment))
         pad_code = 1 if encoding.code == pack_kernels.ENC_BINARY else self.zero_point  # the code of 0.0
-        rows_per_block = pack_kernels.WARPS_PER_BLOCK * (32 // segment)
-        blocks = min(-(-self.rows // rows_per_block), int(_resident_blocks()))  # each warp walks many rows
+        blocks = min(blocks, int(_resident_blocks()))  # each warp walks many rows
         kernel[blocks, 32 * pack_kernels.WARPS_PER_BLOCK, stream](
             codes, geometry, pad_code, self.words.reshape(self.words.size), self.kwords, self.rowsum)
 

@@ -187,7 +187,6 @@ def pack_patches_kernel(bits, encoding):
     return kernel
 
 
-
 def byte_segment(words):
     """Lanes per row of the byte packers for rows of ``words`` words: the next power of two, at most 32
     (a 27-feature row of 7 words shares its warp with 3 other rows)."""

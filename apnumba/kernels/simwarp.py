@@ -57,7 +57,10 @@ def _popc_words(words):
     return sum(_POPC8[(w >> s) & 0xFF] for s in (0, 8, 16, 24))
 
 
-def _mma_m16n8k256(op, a0, a1, a2, a3, b0, b1, c0, c1, c2, c3):
+def _m16n8_mma(product, a0, a1, a2, a3, b0, b1, c0, c1, c2, c3):
+    """One m16n8 mma with 8-word k-steps (b1 m16n8k256, int8 m16n8k32: the same fragments): the warp's
+    fragments assembled into A (16 x 8 words), B (8 columns x 8 words), C; D = product(A, B) + C;
+    this lane's four results."""
     lanes = _warp_exchange((a0, a1, a2, a3, b0, b1, c0, c1, c2, c3))
     A = np.zeros((16, 8), dtype=np.int64)
     B = np.zeros((8, 8), dtype=np.int64)  # B[col][word]
@@ -67,13 +70,18 @@ def _mma_m16n8k256(op, a0, a1, a2, a3, b0, b1, c0, c1, c2, c3):
         A[g, t], A[g + 8, t], A[g, 4 + t], A[g + 8, 4 + t] = x0, x1, x2, x3
         B[g, t], B[g, 4 + t] = y0, y1
         C[g, 2 * t], C[g, 2 * t + 1], C[g + 8, 2 * t], C[g + 8, 2 * t + 1] = z0, z1, z2, z3
-    A &= 0xFFFFFFFF
-    B &= 0xFFFFFFFF
-    combined = (A[:, None, :] & B[None, :, :]) if op == "and" else (A[:, None, :] ^ B[None, :, :])
-    D = _popc_words(combined).sum(axis=2) + C
+    D = product(A & 0xFFFFFFFF, B & 0xFFFFFFFF) + C
     g, t = _lane() >> 2, _lane() & 3
     out = (D[g, 2 * t], D[g, 2 * t + 1], D[g + 8, 2 * t], D[g + 8, 2 * t + 1])
     return tuple(np.int32(np.int64(v).astype(np.int32)) for v in out)
+
+
+def _mma_m16n8k256(op, a0, a1, a2, a3, b0, b1, c0, c1, c2, c3):
+    def popc_product(A, B):
+        combined = (A[:, None, :] & B[None, :, :]) if op == "and" else (A[:, None, :] ^ B[None, :, :])
+        return _popc_words(combined).sum(axis=2)
+
+    return _m16n8_mma(popc_product, a0, a1, a2, a3, b0, b1, c0, c1, c2, c3)
 
 
 def _mma_m8n8k128(op, a, b, c0, c1):
@@ -103,19 +111,8 @@ def mma_m16n8k32_int8(types_ab):
     a_signed, b_signed = (t == "s8" for t in types_ab.split("."))
 
     def mma(a0, a1, a2, a3, b0, b1, c0, c1, c2, c3):
-        lanes = _warp_exchange((a0, a1, a2, a3, b0, b1, c0, c1, c2, c3))
-        A = np.zeros((16, 8), dtype=np.int64)
-        B = np.zeros((8, 8), dtype=np.int64)  # B[col][word]
-        C = np.zeros((16, 8), dtype=np.int64)
-        for lane, (x0, x1, x2, x3, y0, y1, z0, z1, z2, z3) in enumerate(lanes):
-            g, t = lane >> 2, lane & 3
-            A[g, t], A[g + 8, t], A[g, 4 + t], A[g + 8, 4 + t] = x0, x1, x2, x3
-            B[g, t], B[g, 4 + t] = y0, y1
-            C[g, 2 * t], C[g, 2 * t + 1], C[g + 8, 2 * t], C[g + 8, 2 * t + 1] = z0, z1, z2, z3
-        D = _bytes(A, a_signed) @ _bytes(B, b_signed).T + C
-        g, t = _lane() >> 2, _lane() & 3
-        out = (D[g, 2 * t], D[g, 2 * t + 1], D[g + 8, 2 * t], D[g + 8, 2 * t + 1])
-        return tuple(np.int32(np.int64(v).astype(np.int32)) for v in out)
+        return _m16n8_mma(lambda A, B: _bytes(A, a_signed) @ _bytes(B, b_signed).T,
+                          a0, a1, a2, a3, b0, b1, c0, c1, c2, c3)
 
     return mma
 
