@@ -77,7 +77,17 @@ def max_pool2d(x, kernel_size, stride=None, padding=0, out=None, stream=0):
         out = PackedTensor.empty((N * OH * OW, x.K), x.precision, x.scale[0], x.zero_point)
     if out.precision != x.precision or out.zero_point != x.zero_point or out.shape != (N * OH * OW, x.K):
         raise ValueError(f"out: max pooling keeps the precision: expected {x.precision} {(N * OH * OW, x.K)}")
-    return _pool(x, out, K.POOL_MAX, kernel_size, stride, padding, (N, OH, OW), 1.0, stream)
+    out.require_bits("out", "pooling")
+    out.image = (N, OH, OW)
+    _, H, W = x.image
+    kernel = K.max_pool_kernel(x.bits, x.precision.encoding.code, kernel_size)
+    stream = stream or cuda.default_stream()
+    zero_fill(out.rowsum, stream)  # each thread adds its word's code sum
+    threads = N * OH * OW * -(-x.K // 32)
+    kernel[-(-threads // 256), 256, stream](
+        x.words.reshape(x.words.size), _i32([N, H, W, x.K, kernel_size, stride, padding, OH, OW, x.kwords]),
+        out.words.reshape(out.words.size), out.rowsum)
+    return out
 
 
 def avg_pool2d(x, kernel_size, stride=None, padding=0, out=None, stream=0):

@@ -296,15 +296,33 @@ def conv2d_int(x_codes, w_codes, stride=1, padding=0, zx=0, zw=0):
     return y.astype(np.int64)
 
 
+def conv_tap_words(C, packing="bits"):
+    """Words one tap takes along K in the convolution's weight layout (and the kernel's gathered rows):
+    4 - half a 256-bit k-step, so two taps share one mma - for bit planes of at most 128 channels;
+    else the channels' padded words (whole k-steps)."""
+    if check_packing(packing) == "bits" and C <= 4 * WORD_BITS:
+        return 4
+    return padded_words(C, packing)
+
+
+def conv_kwords(R, S, C, packing="bits"):
+    """Words of a packed conv weight row: R*S taps of conv_tap_words(C) words, padded to whole k-steps."""
+    return -(-R * S * conv_tap_words(C, packing) // K_ALIGN_WORDS) * K_ALIGN_WORDS
+
+
 def pack_conv_weight(w_codes, precision, packing="bits"):
-    """(K,R,S,C) codes -> (words (b, K, R*S*cwords), rowsum (K,), tap sums (K, R*S)) in the conv layout."""
+    """(K,R,S,C) codes -> (words (b, K, conv_kwords), rowsum (K,), tap sums (K, R*S)) in the conv layout:
+    each tap's C packed and padded on its own to conv_tap_words(C) words, taps laid end to end (r, s
+    order), the row padded with zeros to whole k-steps."""
     precision = Precision.parse(precision)
     w = precision.check_codes(np.asarray(w_codes), "w")
     if w.ndim != 4:
         raise ValueError(f"w: expected a (K, R, S, C) array, got shape {w.shape}")
     K, R, S, C = w.shape
-    # One packed row per tap: each tap's C padded on its own (zero bits / zero bytes), rows laid end to end.
-    words = pack(w.reshape(K * R * S, C), precision, packing).reshape(planes(precision, packing), K, -1)
+    tap = conv_tap_words(C, packing)  # <= the padded words of a row of C: the rest is zero padding
+    rows = pack(w.reshape(K * R * S, C), precision, packing)[:, :, :tap]
+    words = np.zeros((rows.shape[0], K, conv_kwords(R, S, C, packing)), np.uint32)
+    words[:, :, : R * S * tap] = rows.reshape(rows.shape[0], K, R * S * tap)
     taps = w.astype(np.int64).sum(axis=3).reshape(K, R * S).astype(np.int32)
     return words, taps.sum(axis=1).astype(np.int32), taps
 
@@ -331,15 +349,18 @@ def conv2d(x_codes, w_codes, px, pw, stride=1, padding=0, zx=0, zw=0):
     K, R, S, _ = np.asarray(w_codes).shape
     taps = conv_taps(H, W, R, S, stride, padding)  # (P, R*S), P = OH*OW
     P = taps.shape[0]
-    words_x = pack(x.reshape(N * H * W, C), px).reshape(px.bits, N, H * W, -1)
-    cw = words_x.shape[-1]
-    # Implicit GEMM operand: per output pixel, the R*S taps' channel words, zero outside the image.
+    cw = conv_tap_words(C)
+    words_x = pack(x.reshape(N * H * W, C), px).reshape(px.bits, N, H * W, -1)[..., :cw]
+    # Implicit GEMM operand: per output pixel, the R*S taps' channel words, zero outside the image
+    # and in the row's padding to whole k-steps (as the weights are).
     gathered = np.zeros((px.bits, N, P, R * S, cw), np.uint32)
     valid = taps >= 0
     for t in range(R * S):
         rows = valid[:, t]
         gathered[:, :, rows, t] = words_x[:, :, taps[rows, t]]
-    gathered = gathered.reshape(px.bits, N * P, R * S * cw)
+    padded = np.zeros((px.bits, N * P, words_w.shape[-1]), np.uint32)
+    padded[:, :, : R * S * cw] = gathered.reshape(px.bits, N * P, R * S * cw)
+    gathered = padded
     counts = plane_popcounts(words_w, gathered)  # (Pw, Px, K, N*P)
     cwv = np.asarray(pw.coef, np.int64)
     cxv = np.asarray(px.coef, np.int64)

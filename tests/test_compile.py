@@ -199,11 +199,20 @@ def test_apconv_fused_pooling_sm90(p, q, shape, out):
     _check_apconv(p, q, shape, out)
 
 
-def _check_apconv(p, q, shape, out):
+@pytest.mark.parametrize("out", ["pack", "pack_max"])
+def test_apconv_wide_tile_epilogue_sm90(out):
+    """Four 32-channel words per pixel (block_m 128, as VGG's conv2 runs): the channel constants stay in
+    registers (the pooling path once kept them in an 80-byte stack array)."""
+    from apnumba.kernels.apmm import TileConfig
+
+    _check_apconv(1, 2, None, out, TileConfig(2, 4, 4, 2, 4))
+
+
+def _check_apconv(p, q, shape, out, cfg=None):
     from apnumba.conv import _signature as conv_signature, conv_config
     from apnumba.kernels.apmm import apconv_kernel
 
-    cfg = conv_config(p, q, *shape, packed=out.startswith("pack"))
+    cfg = cfg or conv_config(p, q, *shape, packed=out.startswith("pack"))
     packed = out.startswith("pack")
     # (out precision, residual precision, whole rows): u2 with a u2 residual, or s4 over several blocks
     epilogue = ((2, 0, 0 if out != "pack" else 2, 0, True) if p == 1 else (4, 1, 0, 0, False)) if packed else None
@@ -211,7 +220,9 @@ def _check_apconv(p, q, shape, out):
     check_clean(c, count=cfg.mma_per_step(p, q))
     if packed:
         # the next layer's words come from ballots, one per output plane of every word of the tile, unrolled
-        assert c.opcodes()["VOTE.ANY"] >= epilogue[0] * (cfg.block_m // 32), c.opcodes()["VOTE.ANY"]
+        # (the pooling path keeps its word loop: four pixels' values a word are already a long body)
+        words = cfg.block_m // 32 if out == "pack" else 1
+        assert c.opcodes()["VOTE.ANY"] >= epilogue[0] * words, c.opcodes()["VOTE.ANY"]
         assert ("ATOMG" in str(c.opcodes()) or "RED." in str(c.opcodes())) == (not epilogue[4])
     print(f"apconv w{p}a{q} {cfg.short()} {out}: {c.registers} registers")
 
@@ -230,6 +241,18 @@ def test_pool_kernels(mode, bits, enc, out_bits, out_enc, k):
     # every tap's plane words loaded in straight-line code, none behind a branch of its own (ptxas may
     # keep a long plane loop rolled: count two planes a tap at least)
     assert loads >= k * k * min(bits, 2), loads
+
+
+@pytest.mark.parametrize("bits,enc,k", [(2, 0, 3), (3, 1, 3), (1, 2, 2), (8, 0, 3)])
+def test_max_pool_kernel_is_bit_sliced(bits, enc, k):
+    """Max pooling: whole words, one thread each - no ballots, every tap's planes loaded unrolled, no local memory."""
+    from apnumba.kernels import packed_ops
+
+    c = sass.compile_kernel(packed_ops.max_pool_kernel(bits, enc, k).py_func,
+                            "void(uint32[::1], int32[::1], uint32[::1], int32[::1])", (9, 0))
+    check_clean(c, bmma=None)
+    ops = c.opcodes()
+    assert ops["VOTE.ANY"] == 0 and sum(v for op, v in ops.items() if op.startswith("LDG")) >= k * k * bits
 
 
 @pytest.mark.parametrize("name,sig", [

@@ -149,8 +149,8 @@ def test_accumulator_overflow_is_refused_before_launch():
 @settings(max_examples=120, deadline=None)
 @given(
     st.sampled_from(ALL), st.sampled_from(ALL),
-    st.integers(1, 2), st.integers(1, 9), st.integers(1, 9), st.integers(1, 70), st.integers(1, 5),
-    st.sampled_from([1, 3, 5]), st.sampled_from([1, 2, 4]), st.integers(0, 2), st.integers(0, 2**32 - 1),
+    st.integers(1, 2), st.integers(1, 9), st.integers(1, 9), st.sampled_from([1, 5, 32, 70, 128, 129, 300]),
+    st.integers(1, 5), st.sampled_from([1, 3, 5]), st.sampled_from([1, 2, 4]), st.integers(0, 2), st.integers(0, 2**32 - 1),
 )
 def test_conv_algebra_equals_integer_convolution(px, pw, N, H, W, C, K, k, stride, padding, seed):
     """Gathered planes + border corrections (what the kernel does) == plain convolution of the values."""
@@ -173,12 +173,21 @@ def test_conv_zero_padding_is_the_value_zero_for_binary_activations():
 
 
 def test_conv_weight_layout():
+    """At most 128 channels: 4 words a tap (two taps share a 256-bit k-step), the row padded to whole
+    k-steps; more: each tap's channels padded to whole k-steps."""
     w = np.zeros((2, 3, 3, 40), int)
-    w[1, 2, 1, 33] = 1  # tap (2, 1) = 7, channel 33 -> word 7 * 8 + 1, bit 1
+    w[1, 2, 1, 33] = 1  # tap (2, 1) = 7, channel 33 -> word 7 * 4 + 1, bit 1
     words, rowsum, taps = R.pack_conv_weight(w, "u1")
-    assert words.shape == (1, 2, 9 * 8)
-    assert words[0, 1, 7 * 8 + 1] == 1 << 1 and words.sum() == 1 << 1
+    assert words.shape == (1, 2, 40)  # 9 taps x 4 words = 36, padded to 40
+    assert words[0, 1, 7 * 4 + 1] == 1 << 1 and words.sum() == 1 << 1
     assert rowsum.tolist() == [0, 1] and taps[1, 7] == 1 and taps.sum() == 1
+    w = np.zeros((1, 3, 3, 140), int)
+    w[0, 2, 1, 130] = 1  # tap 7, channel 130 -> word 7 * 8 + 4, bit 2
+    words, _, _ = R.pack_conv_weight(w, "u1")
+    assert words.shape == (1, 1, 72) and words[0, 0, 7 * 8 + 4] == 1 << 2 and words.sum() == 1 << 2
+    assert R.conv_tap_words(128) == 4 and R.conv_tap_words(129) == 8 and R.conv_tap_words(100, "bytes") == 32
+    words, _, _ = R.pack_conv_weight(np.ones((1, 3, 3, 100), int), "s8", "bytes")
+    assert words.shape == (1, 1, 9 * 32)  # bytes: whole k-steps a tap
 
 
 def test_conv_shapes_are_checked():

@@ -60,7 +60,7 @@ import functools
 from numba import cuda, float32, int32, int64, uint32
 
 from .pack import code_range, quantize_scaled
-from .packed_ops import code_at, store_word
+from .packed_ops import code_of, store_word_at
 from .ptx import (
     SIMULATOR,
     cp_async_16,
@@ -197,7 +197,8 @@ OUT_KINDS = ("i32", "f32", "pack", "pack_max", "pack_avg")
 def apconv_kernel(p, q, config, out, mma="b1", epilogue=None):
     """The APConv kernel: the same pipeline with B gathered from NHWC activations (an implicit GEMM).
 
-    M = output channels, N = output pixels (n, oh, ow), K = R * S taps x the padded channel words.
+    M = output channels, N = output pixels (n, oh, ow), K = R * S taps x ``reference.conv_tap_words(C)``
+    words (for at most 128 channels of bit planes, two taps a k-step), padded to whole k-steps.
     out: "i32", "f32" (scale, bias), or "pack" (the fused epilogue: affine, residual, ReLU,
     requantize and pack the next layer's NHWC input; block_m must be a multiple of 32), or
     "pack_max" / "pack_avg": the same with a 2x2 stride-2 pooling before the requantize (no residual).
@@ -630,26 +631,34 @@ def _build(p, q, config, out, conv, mma, epilogue=None):
         return img, oh, ow
 
     @cuda.jit(device=True, inline="always")
-    def conv_value(smem, cc, wi, lane, c_k, ew, ex, full, ch_sum_w, mc, ch_scale, ch_bias, tap_sums, H, W, R, S):
-        """The float32 ``y * scale + bias`` of tile pixel cc, channel 32 * wi + lane, corrections included."""
+    def pixel_terms(smem, cc, c_k, ew, full):
+        """Tile pixel cc's column term ``c_k * Kv + ew * SXv`` and whether a tap of it falls outside."""
         kv = int32(ld_shared(smem, COL_BASE + cc))
-        v = int32(ld_shared(smem, TILE_BASE + cc * TILE_LD + 32 * wi + lane)) + c_k * kv
+        col = int32(c_k * kv)
         if ew != 0:
-            v += ew * int32(ld_shared(smem, COL_BASE + BN + cc))
+            col = int32(col + ew * int32(ld_shared(smem, COL_BASE + BN + cc)))
+        return col, kv != full
+
+    @cuda.jit(device=True, inline="always")
+    def conv_value(smem, cc, wi, lane, col, border, ex, ch_sum_w, mc, ch_scale, ch_bias, tap_sums, H, W, R, S):
+        """The float32 ``y * scale + bias`` of tile pixel cc, channel 32 * wi + lane, corrections included
+        (col, border: :func:`pixel_terms`; ch_sum_w: the channel's SW, used by pixels with every tap inside)."""
+        v = int32(int32(ld_shared(smem, TILE_BASE + cc * TILE_LD + 32 * wi + lane)) + col)
         if ex != 0:
-            if kv == full:
-                v += ex * ch_sum_w
-            else:
+            if border:
                 ih0 = int32(ld_shared(smem, COL_BASE + 2 * BN + cc))
                 iw0 = int32(ld_shared(smem, COL_BASE + 3 * BN + cc))
-                v += ex * border_tap_sum(tap_sums, mc, ih0, iw0, H, W, R, S)
+                v = int32(v + ex * border_tap_sum(tap_sums, mc, ih0, iw0, H, W, R, S))
+            else:
+                v = int32(v + ex * ch_sum_w)
         return f32_add_rn(f32_mul_rn(float32(v), ch_scale), ch_bias)
 
     def apconv(a_words, b_words, M, N, kwords, geometry, coef_w, coef_x, ex, ew, c_k,
                sum_w, tap_sums, sum_x, scale, bias, y, y_rowsum, epi, res_words, res_scale):
         """Implicit-GEMM convolution: a_words = weights (K_out x R*S*cwords), b_words = NHWC activations.
 
-        geometry: [H, W, cwords, R, S, stride, padding, OH, OW, C].  y: NHWC output, y[n * M + m];
+        geometry: [H, W, cwords, R, S, stride, padding, OH, OW, C, tap_words] (cwords: words of an input
+        pixel; tap_words: of a tap along K, ``reference.conv_tap_words``).  y: NHWC output, y[n * M + m];
         packed output: y = the next layer's words (bits, N, out_cwords), y_rowsum its row sums (zeroed
         before the launch), epi = [out_bits, out_encoding, out_zero_point, relu, res_bits, res_encoding,
         res_zero_point, out_cwords, res_cwords] (res_bits 0: no residual), res_words the residual's words.
@@ -676,10 +685,10 @@ def _build(p, q, config, out, conv, mma, epilogue=None):
         OW = geometry[8]
         C = geometry[9]
         images, _ = divmod_u32(N, ((OH >> 1) * (OW >> 1) * 4) if POOL else OH * OW)
-        pixels = images * H * W  # input pixels of all images
-        csteps = cwords // K_STEP_WORDS
-        k_steps = kwords // K_STEP_WORDS  # = R * S * csteps
-        k_tiles = (k_steps + STEPS - 1) // STEPS
+        pixels = int32(images * H * W)  # input pixels of all images
+        tap_words = geometry[10]  # words of one tap along K
+        k_steps = int32(kwords >> 3)  # = ceil(R * S * tap_words / 8)
+        k_tiles = int32((k_steps + STEPS - 1) // STEPS)
 
         # A (weights): the GEMM copy plan.
         a_src = cuda.local.array(A_COPIES, int64)
@@ -691,9 +700,11 @@ def _build(p, q, config, out, conv, mma, epilogue=None):
         # depends on the tap of the k-step, so keep the pixel's corner (ih0, iw0) and its image's
         # first pixel.  THREADS is a multiple of CHUNKS, so every slot of a thread has the same
         # chunk: one k-step (and one tap counter) per thread.
+        # (32-bit arithmetic throughout - the host checks that every operand has < 2^31 words - and
+        # 32-bit loop counters: numba's default 64-bit ones cost two instructions per use.)
         chunk = tid % CHUNKS
         b_dst = cuda.local.array(B_COPIES, int32)
-        b_base = cuda.local.array(B_COPIES, int32)  # plane * pixels + image * H * W
+        b_pixel = cuda.local.array(B_COPIES, int32)  # plane * pixels + the corner pixel (ih0, iw0) of the window
         b_ih0 = cuda.local.array(B_COPIES, int32)
         b_iw0 = cuda.local.array(B_COPIES, int32)
         for c in range(B_COPIES):
@@ -701,10 +712,12 @@ def _build(p, q, config, out, conv, mma, epilogue=None):
             plane = prow // BN
             n = n0 + prow - plane * BN
             img, oh, ow = output_pixel(min(n, N - 1), OH, OW)
+            ih0 = int32(oh * stride - pad)
+            iw0 = int32(ow * stride - pad)
             b_dst[c] = A_ROWS * ROW_WORDS + swizzle(prow, chunk) if prow < B_ROWS else -1
-            b_base[c] = plane * pixels + img * H * W
-            b_ih0[c] = oh * stride - pad if n < N else -(1 << 24)  # rows past N never fall inside
-            b_iw0[c] = ow * stride - pad
+            b_pixel[c] = int32(plane * pixels + img * H * W + ih0 * W + iw0)
+            b_ih0[c] = ih0 if n < N else -(1 << 24)  # rows past N never fall inside
+            b_iw0[c] = iw0
 
         lanes = ldmatrix_lanes(warp_m, warp_n, lane)
         acc = cuda.local.array((PG, Q, MT, NT, 4), int32)
@@ -716,38 +729,47 @@ def _build(p, q, config, out, conv, mma, epilogue=None):
             zero_accumulators(acc)
             a_pass = int64(ps * PG) * M * kwords
             # The tap (r, s) and channel step of this thread's k-step in the next stage to load.
-            step = chunk >> 1
-            tap, tap_c = divmod_u32(step, csteps)
+            # (K runs over taps of tap_words words: whole k-steps of the pixel's channel words, or 4 words -
+            # half a k-step, one 16-byte chunk - for at most 128 channels, so two taps share an mma.)
+            step = int32(chunk >> 1)
+            tap, c_word = divmod_u32(4 * chunk, tap_words)  # this thread's chunk: its tap, its word in the tap
             tap_r, tap_s = divmod_u32(tap, S)
+            tap_r, tap_s, c_word = int32(tap_r), int32(tap_s), int32(c_word)
 
-            for kt in range(k_tiles + STAGES - 1):
+            load_slot = int32(0)  # the ring stage k-tile kt goes to, and the one k-tile kt - (STAGES - 1) is in
+            compute_slot = int32(0)
+            for kt in range(int32(k_tiles + (STAGES - 1))):
                 # The APMM pipeline, prologue folded in: step kt loads k-tile kt and, once the ring is
                 # full, waits for and computes k-tile kt - (STAGES - 1).
-                ct = kt - (STAGES - 1)
+                ct = int32(kt - (STAGES - 1))
                 if ct >= 0:
                     wait_for_stage()
                     cuda.syncthreads()
                 if kt < k_tiles:
-                    base = (kt % STAGES) * STAGE_WORDS
-                    step0 = kt * STEPS
+                    base = int32(load_slot * STAGE_WORDS)
+                    load_slot = int32(0) if load_slot == STAGES - 1 else int32(load_slot + 1)
+                    step0 = int32(kt * STEPS)
                     copy_a(smem, base, step0, k_steps, a_words, a_pass, a_src, a_dst, a_step, a_bytes)
+                    step_live = int32(step0 + step) < k_steps
+                    tap_at = int32(int32(tap_r * W + tap_s) * cwords + c_word)
                     for c in range(B_COPIES):
                         if b_dst[c] >= 0:
-                            ih = b_ih0[c] + tap_r
-                            iw = b_iw0[c] + tap_s
-                            live = step0 + step < k_steps and inside(ih, iw, H, W)
-                            src = int64(b_base[c] + ih * W + iw) * cwords + tap_c * K_STEP_WORDS + (chunk & 1) * 4
-                            cp_async_16(smem, base + b_dst[c], b_words, src if live else int64(0), 16 if live else 0)
-                    tap_c += STEPS  # advance this thread's k-step by one stage
-                    while tap_c >= csteps:
-                        tap_c -= csteps
-                        tap_s += 1
+                            ih = int32(b_ih0[c] + tap_r)
+                            iw = int32(b_iw0[c] + tap_s)
+                            live = step_live and uint32(ih) < uint32(H) and uint32(iw) < uint32(W)
+                            src = int32(b_pixel[c] * cwords + tap_at)
+                            cp_async_16(smem, int32(base + b_dst[c]), b_words, src if live else int32(0), 16 if live else 0)
+                    c_word = int32(c_word + ROW_WORDS)  # advance this thread's chunk by one stage
+                    while c_word >= tap_words:  # (past the last tap: weights are zero there, any pixel will do)
+                        c_word = int32(c_word - tap_words)
+                        tap_s = int32(tap_s + 1)
                         if tap_s == S:
-                            tap_s = 0
-                            tap_r += 1
+                            tap_s = int32(0)
+                            tap_r = int32(tap_r + 1)
                 cp_async_commit()
                 if ct >= 0:
-                    compute_stage(smem, (ct % STAGES) * STAGE_WORDS, warp_k, lanes, acc, a_frag, b_frag)
+                    compute_stage(smem, int32(compute_slot * STAGE_WORDS), warp_k, lanes, acc, a_frag, b_frag)
+                    compute_slot = int32(0) if compute_slot == STAGES - 1 else int32(compute_slot + 1)
 
             fold_into_tile(smem, ps, acc, pair_coef, coef_w, coef_x, warp_m, warp_n, warp_k, lane)
 
@@ -771,34 +793,61 @@ def _build(p, q, config, out, conv, mma, epilogue=None):
             st_shared(smem, COL_BASE + 3 * BN + cc, iw0)
         cuda.syncthreads()
 
-        full = R * S * C
+        full = int32(R * S * C)
         if OUT_PACK:
             # The fused epilogue, one warp per pixel, 32 channels a lane-sweep: affine, residual, ReLU and
             # the next layer's quantizer on each lane's channel, then one ballot per bit plane packs the
             # word.  The precisions are compile-time (plane loops unrolled); a lane's channel constants
-            # for every word of the tile are loaded once; a pixel's code sum is written once (stored when
-            # the block holds all its channels, else one atomic add to the zeroed sum).
+            # for every word of the tile are loaded once, a pixel's column terms once per pixel; a pixel's
+            # code sum is written once (stored when the block holds all its channels, else one atomic add
+            # to the zeroed sum).  32-bit index arithmetic (the host checks the sizes).
             out_zp = epi[2]
             relu = epi[3]
             res_zp = epi[6]
             out_cw = epi[7]
             res_cw = epi[8]
             lo, hi = code_range(OUT_BITS, OUT_ENC)
-            word0 = m0 >> 5
-            if POOL:
-                # Each window is 4 consecutive tile rows: ReLU'd values pooled in float32, then quantized.
-                for wc in range(warp, BN // 4, THREADS // 32):
-                    n = n0 + 4 * wc
-                    if n < N:  # the same for the whole warp
-                        total = int32(0)
-                        for wi in range(WORDS_PER_COLUMN):  # (a loop LLVM keeps rolled: constants loaded here)
-                            m = m0 + 32 * wi + lane
+            word0 = int32(m0 >> 5)
+            out_rows = int32(N >> 2) if POOL else N
+            out_plane = int32(out_rows * out_cw)  # words of one plane of the output
+            res_plane = int32(N * res_cw)
+            if not POOL:
+                # A lane's channel constants for every word of the tile (registers: the word loop
+                # below unrolls; the pooling one stays a loop, so it loads them per word).
+                ch_valid = cuda.local.array(WORDS_PER_COLUMN, int32)
+                ch_m = cuda.local.array(WORDS_PER_COLUMN, int32)
+                ch_scale = cuda.local.array(WORDS_PER_COLUMN, float32)
+                ch_bias = cuda.local.array(WORDS_PER_COLUMN, float32)
+                ch_sum_w = cuda.local.array(WORDS_PER_COLUMN, int32)
+                for wi in range(WORDS_PER_COLUMN):
+                    m = int32(m0 + 32 * wi + lane)
+                    ch_valid[wi] = m < M
+                    ch_m[wi] = min(m, M - 1)
+                    ch_scale[wi] = scale[ch_m[wi]]
+                    ch_bias[wi] = bias[ch_m[wi]]
+                    ch_sum_w[wi] = sum_w[ch_m[wi]] if ex != 0 else 0
+            out_n = int32(warp)  # the warp's output row (a pooling window, or a pixel)
+            while out_n < (BN >> 2 if POOL else BN):
+                n = int32(n0 + (out_n << 2 if POOL else out_n))
+                if n < N:  # the same for the whole warp: the ballots stay convergent
+                    row = int32(n >> 2) if POOL else n
+                    out_at = int32(row * out_cw + word0)
+                    total = int32(0)
+                    if POOL:
+                        # Each window is 4 consecutive tile rows: ReLU'd values pooled in float32, then quantized.
+                        cc = int32(out_n << 2)
+                        col0, border0 = pixel_terms(smem, cc, c_k, ew, full)
+                        col1, border1 = pixel_terms(smem, cc + 1, c_k, ew, full)
+                        col2, border2 = pixel_terms(smem, cc + 2, c_k, ew, full)
+                        col3, border3 = pixel_terms(smem, cc + 3, c_k, ew, full)
+                        for wi in range(WORDS_PER_COLUMN):
+                            m = int32(m0 + 32 * wi + lane)
                             mc = min(m, M - 1)
                             sc, bi, sw = scale[mc], bias[mc], (sum_w[mc] if ex != 0 else 0)
-                            t0 = conv_value(smem, 4 * wc, wi, lane, c_k, ew, ex, full, sw, mc, sc, bi, tap_sums, H, W, R, S)
-                            t1 = conv_value(smem, 4 * wc + 1, wi, lane, c_k, ew, ex, full, sw, mc, sc, bi, tap_sums, H, W, R, S)
-                            t2 = conv_value(smem, 4 * wc + 2, wi, lane, c_k, ew, ex, full, sw, mc, sc, bi, tap_sums, H, W, R, S)
-                            t3 = conv_value(smem, 4 * wc + 3, wi, lane, c_k, ew, ex, full, sw, mc, sc, bi, tap_sums, H, W, R, S)
+                            t0 = conv_value(smem, cc, wi, lane, col0, border0, ex, sw, mc, sc, bi, tap_sums, H, W, R, S)
+                            t1 = conv_value(smem, cc + 1, wi, lane, col1, border1, ex, sw, mc, sc, bi, tap_sums, H, W, R, S)
+                            t2 = conv_value(smem, cc + 2, wi, lane, col2, border2, ex, sw, mc, sc, bi, tap_sums, H, W, R, S)
+                            t3 = conv_value(smem, cc + 3, wi, lane, col3, border3, ex, sw, mc, sc, bi, tap_sums, H, W, R, S)
                             if relu != 0:
                                 t0 = t0 if t0 > 0 else float32(0)
                                 t1 = t1 if t1 > 0 else float32(0)
@@ -810,48 +859,28 @@ def _build(p, q, config, out, conv, mma, epilogue=None):
                                 t = f32_mul_rn(f32_add_rn(f32_add_rn(t0, t1), f32_add_rn(t2, t3)), float32(0.25))
                             valid = m < M
                             pattern = quantize_scaled(t, out_zp, lo, hi, OUT_BITS, OUT_ENC) if valid else 0
-                            total += store_word(y, N >> 2, out_cw, OUT_BITS, OUT_ENC, n >> 2, word0 + wi, lane, pattern,
-                                                valid)
-                        if lane == 0:
-                            if WHOLE_ROWS:
-                                y_rowsum[n >> 2] = total
-                            else:
-                                cuda.atomic.add(y_rowsum, n >> 2, total)
-            else:
-                # A lane's channel constants for every word of the tile, loaded once (registers: the word
-                # loop below unrolls).
-                ch_valid = cuda.local.array(WORDS_PER_COLUMN, int32)
-                ch_m = cuda.local.array(WORDS_PER_COLUMN, int32)
-                ch_scale = cuda.local.array(WORDS_PER_COLUMN, float32)
-                ch_bias = cuda.local.array(WORDS_PER_COLUMN, float32)
-                ch_sum_w = cuda.local.array(WORDS_PER_COLUMN, int32)
-                for wi in range(WORDS_PER_COLUMN):
-                    m = m0 + 32 * wi + lane
-                    ch_valid[wi] = m < M
-                    ch_m[wi] = min(m, M - 1)
-                    ch_scale[wi] = scale[ch_m[wi]]
-                    ch_bias[wi] = bias[ch_m[wi]]
-                    ch_sum_w[wi] = sum_w[ch_m[wi]] if ex != 0 else 0
-                for cc in range(warp, BN, THREADS // 32):
-                    n = n0 + cc
-                    if n < N:  # the same for the whole warp: the ballots stay convergent
-                        total = int32(0)
+                            total += store_word_at(y, int32(out_at + wi), out_plane, OUT_BITS, OUT_ENC, lane, pattern, valid)
+                    else:
+                        cc = out_n
+                        col, border = pixel_terms(smem, cc, c_k, ew, full)
+                        res_at = int32(n * res_cw + word0)
                         for wi in range(WORDS_PER_COLUMN):
-                            t = conv_value(smem, cc, wi, lane, c_k, ew, ex, full, ch_sum_w[wi], ch_m[wi], ch_scale[wi],
+                            t = conv_value(smem, cc, wi, lane, col, border, ex, ch_sum_w[wi], ch_m[wi], ch_scale[wi],
                                            ch_bias[wi], tap_sums, H, W, R, S)
                             if RES_BITS > 0:
-                                rc = code_at(res_words, N, res_cw, RES_BITS, RES_ENC, n, word0 + wi, lane)
+                                rc = code_of(res_words, int32(res_at + wi), res_plane, RES_BITS, RES_ENC, lane)
                                 t = f32_add_rn(t, f32_mul_rn(float32(rc - res_zp), res_scale))
                             if relu != 0 and not t > 0:
                                 t = float32(0)
                             valid = ch_valid[wi] != 0
                             pattern = quantize_scaled(t, out_zp, lo, hi, OUT_BITS, OUT_ENC) if valid else 0  # scale 1
-                            total += store_word(y, N, out_cw, OUT_BITS, OUT_ENC, n, word0 + wi, lane, pattern, valid)
-                        if lane == 0:
-                            if WHOLE_ROWS:
-                                y_rowsum[n] = total
-                            else:
-                                cuda.atomic.add(y_rowsum, n, total)
+                            total += store_word_at(y, int32(out_at + wi), out_plane, OUT_BITS, OUT_ENC, lane, pattern, valid)
+                    if lane == 0:
+                        if WHOLE_ROWS:
+                            y_rowsum[row] = total
+                        else:
+                            cuda.atomic.add(y_rowsum, row, total)
+                out_n = int32(out_n + THREADS // 32)
         else:
             # Epilogue step 2 along m (NHWC is channel-contiguous): corrections, then int32 or float32.
             vector = (M & 3) == 0

@@ -7,13 +7,17 @@ off the bit planes, combined, quantized, and packed again by one ballot per plan
 whole row writes the row's code sum itself; pooling warps add theirs to a zeroed sum (one atomic
 each).  Words past the channels are left alone: packed buffers are allocated zeroed and nothing
 writes their padding.
+
+Max pooling keeps the precision, so it needs no codes at all: :func:`max_pool_kernel` takes the
+maximum of whole 32-channel words at once, plane by plane from the top (one thread per output
+word instead of a warp).
 """
 
 import functools
 
-from numba import cuda, float32, int32
+from numba import cuda, float32, int32, uint32, uint64
 
-from .pack import ENC_BINARY, code_range, plane_coef, quantize_scaled
+from .pack import ENC_BINARY, ENC_SIGNED, code_range, plane_coef, quantize_scaled
 from .ptx import ballot, divmod_u32, f32_add_rn, f32_mul_rn, popc32
 
 WARPS_PER_BLOCK = 8
@@ -21,12 +25,18 @@ POOL_MAX, POOL_AVG = 0, 1
 
 
 @cuda.jit(device=True, inline="always")
-def code_at(words, rows, cwords, bits, encoding, row, word, lane):
-    """The code of channel 32 * word + lane of ``row`` in packed words (bits, rows, cwords)."""
+def code_of(words, at, plane_words, bits, encoding, lane):
+    """The code of bit ``lane`` of word ``at`` of plane 0 (plane j's word is ``plane_words`` further on)."""
     v = int32(0)
     for j in range(bits):
-        v += plane_coef(j, bits, encoding) * int32((words[(j * rows + row) * cwords + word] >> lane) & 1)
+        v += plane_coef(j, bits, encoding) * int32((words[uint64(at) + uint64(j) * uint64(plane_words)] >> lane) & 1)
     return v - 1 if encoding == ENC_BINARY else v
+
+
+@cuda.jit(device=True, inline="always")
+def code_at(words, rows, cwords, bits, encoding, row, word, lane):
+    """The code of channel 32 * word + lane of ``row`` in packed words (bits, rows, cwords)."""
+    return code_of(words, row * cwords + word, rows * cwords, bits, encoding, lane)
 
 
 @cuda.jit(device=True, inline="always")
@@ -38,17 +48,24 @@ def encode_code(code, bits, encoding):
 
 
 @cuda.jit(device=True, inline="always")
-def store_word(out, rows, cwords, bits, encoding, row, word, lane, pattern, valid):
-    """Ballot each plane of the lanes' patterns into word ``word`` of ``row``; return the word's code sum."""
+def store_word_at(out, at, plane_words, bits, encoding, lane, pattern, valid):
+    """Ballot each plane of the lanes' patterns into word ``at`` of plane 0 (plane j's is ``plane_words``
+    further on); return the word's code sum."""
     total = int32(0)
     for j in range(bits):
         plane_word = ballot((pattern >> j) & 1)
         if lane == j:
-            out[(j * rows + row) * cwords + word] = plane_word
+            out[uint64(at) + uint64(j) * uint64(plane_words)] = plane_word  # (unsigned: no wraparound test)
         total += plane_coef(j, bits, encoding) * popc32(plane_word)
     if encoding == ENC_BINARY:
         total -= popc32(ballot(valid))
     return total
+
+
+@cuda.jit(device=True, inline="always")
+def store_word(out, rows, cwords, bits, encoding, row, word, lane, pattern, valid):
+    """Ballot each plane of the lanes' patterns into word ``word`` of ``row``; return the word's code sum."""
+    return store_word_at(out, row * cwords + word, rows * cwords, bits, encoding, lane, pattern, valid)
 
 
 @functools.lru_cache(maxsize=None)
@@ -93,6 +110,67 @@ def pool_kernel(mode, bits, enc, out_bits, out_enc, kernel_size):
                            valid)
         if lane == 0:
             cuda.atomic.add(out_rowsum, row, total)
+
+    return kernel
+
+
+@functools.lru_cache(maxsize=None)
+def max_pool_kernel(bits, enc, kernel_size):
+    """Max pooling of packed codes, bit-sliced: one thread per (output pixel, 32-channel word), the
+    maximum of the window's words found plane by plane from the top, 32 channels at once::
+
+        alive[t] = all ones for each tap t inside the image (per channel: "may still be the max")
+        for plane j from the top:  out_j = OR_t (alive[t] & x_t,j);  alive[t] &= x_t,j | ~out_j
+
+    (a channel's taps with a 0 where another alive tap has a 1 drop out).  Unsigned codes order as
+    their bit patterns, +-1 codes too (bit 1 = +1); two's complement ones once the top plane is
+    inverted.  The code sum of the word is added to the zeroed row sum (one atomic per thread)."""
+    TAPS = kernel_size * kernel_size
+    FLIP = uint32(0xFFFFFFFF) if enc == ENC_SIGNED else uint32(0)  # applied to the top plane
+
+    @cuda.jit
+    def kernel(x, geometry, out, out_rowsum):
+        """geometry: [N, H, W, C, kernel, stride, padding, OH, OW, cwords]: N * OH * OW * ceil(C / 32) threads."""
+        N, H, W, C = geometry[0], geometry[1], geometry[2], geometry[3]
+        stride, pad, OH, OW, cwords = geometry[5], geometry[6], geometry[7], geometry[8], geometry[9]
+        words_c = (C + 31) >> 5
+        row, word = divmod_u32(cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x, words_c)
+        rows_out = int32(N * OH * OW)
+        if row >= rows_out:
+            return
+        img, rest = divmod_u32(row, OH * OW)
+        oh, ow = divmod_u32(rest, OW)
+        plane_in = uint64(N * H * W) * uint64(cwords)
+        plane_out = uint64(rows_out) * uint64(cwords)
+        tail = C - 32 * int32(word)
+        valid = uint32(0xFFFFFFFF) if tail >= 32 else (uint32(1) << uint32(tail)) - uint32(1)
+        alive = cuda.local.array(TAPS, uint32)
+        taps = cuda.local.array((bits, TAPS), uint32)
+        for r in range(kernel_size):  # every tap's words loaded first (clamped addresses, masked after)
+            for s in range(kernel_size):
+                ih = int32(oh * stride - pad + r)
+                iw = int32(ow * stride - pad + s)
+                inside = ih >= 0 and ih < H and iw >= 0 and iw < W
+                at = uint64(int32((img * H + min(max(ih, 0), H - 1)) * W + min(max(iw, 0), W - 1))) * uint64(cwords) + word
+                alive[r * kernel_size + s] = uint32(0xFFFFFFFF) if inside else uint32(0)
+                for j in range(bits):
+                    taps[j, r * kernel_size + s] = x[at + uint64(j) * plane_in]
+        total = int32(0)
+        for jj in range(bits):
+            j = bits - 1 - jj  # top plane first
+            flip = FLIP if j == bits - 1 else uint32(0)
+            best = uint32(0)
+            for t in range(TAPS):
+                best |= alive[t] & (taps[j, t] ^ flip)
+            if j > 0:
+                for t in range(TAPS):
+                    alive[t] &= (taps[j, t] ^ flip) | ~best
+            best = (best ^ flip) & valid
+            out[uint64(row) * uint64(cwords) + word + uint64(j) * plane_out] = best
+            total += plane_coef(j, bits, enc) * popc32(best)
+        if enc == ENC_BINARY:
+            total -= popc32(valid)
+        cuda.atomic.add(out_rowsum, row, total)
 
     return kernel
 

@@ -87,6 +87,9 @@ CONV_CASES = [
     ("b1", "s2", (2, 7, 5, 20), 16, 3, 2, 1, TileConfig(1, 1, 1, 1, 3, 0, 1, 2), True),
     ("s3", "u2", (1, 4, 4, 300), 20, 1, 1, 0, TileConfig(1, 1, 1, 2, 2), False),
     ("b1", "b1", (1, 9, 9, 8), 16, 5, 2, 2, TileConfig(1, 1, 1, 2, 2, 0, 2, 2), False),
+    # taps of whole k-steps (C > 128) two a stage; half k-step taps (C <= 128) eight a stage
+    ("u2", "b1", (1, 4, 5, 160), 16, 3, 1, 1, TileConfig(1, 1, 1, 2, 2, stage_steps=2), False),
+    ("u2", "s2", (1, 5, 5, 70), 16, 3, 1, 1, TileConfig(1, 1, 1, 2, 2, stage_steps=4), True),
 ]
 
 
