@@ -405,6 +405,58 @@ def requantize(y, scale, bias, precision, zero_point=0, relu=False, residual=Non
     return quantize(flat, precision, 1.0, zero_point).reshape(t.shape)
 
 
+THRESHOLD_NEVER = 2**31 - 1  # no int32 sum is above it
+THRESHOLD_ALWAYS = -(2**31)  # every int32 sum the products can give (|y| <= 2^31 - 1) is above it
+
+
+def requantize_thresholds(scale, bias, precision, zero_point=0, relu=False):
+    """The fused epilogue without a residual as integer comparisons, exact by construction.
+
+    ``requantize`` is monotone in the int32 sum y for each channel (every float32 step is: rounding
+    is monotone), non-decreasing for scale > 0 and non-increasing for scale < 0.  So with
+    ``sign = -1 if scale < 0 else 1`` and step 2 for +-1 codes (else 1)::
+
+        requantize(y) = lo + step * #{k : sign * y > T[c, k]}     for every |y| <= 2^31 - 1
+
+    where T[c, k] + 1 is the smallest sign * y whose code reaches lo + step * (k + 1), found by a binary
+    search over all of int32 with ``requantize`` itself (THRESHOLD_NEVER / _ALWAYS where no y or every y
+    reaches it).  Returns int32 (K, 1 + levels): column 0 the sign, then the levels' thresholds; or
+    None where the channel constants are not all finite (then the float path runs).
+    """
+    precision = Precision.parse(precision)
+    scale = np.asarray(scale, np.float32).reshape(-1)
+    bias = np.asarray(bias, np.float32).reshape(-1)
+    if not (np.isfinite(scale).all() and np.isfinite(bias).all()):
+        return None
+    step = 2 if precision.encoding is Encoding.BINARY else 1
+    levels = (precision.hi - precision.lo) // step
+    sign = np.where(scale < 0, -1, 1).astype(np.int64)
+    target = precision.lo + step * np.arange(1, levels + 1, dtype=np.int64)[:, None]  # (levels, 1)
+
+    def reaches(yp):  # (levels, K) int64 values of sign * y -> code >= target
+        codes = requantize((sign * yp).astype(np.int32), scale, bias, precision, zero_point, relu)
+        return codes >= target
+
+    lo = np.full((levels, scale.size), -(2**31 - 1), np.int64)  # the search interval [lo, hi] of sign * y
+    hi = np.full((levels, scale.size), 2**31 - 1, np.int64)
+    never, always = ~reaches(hi), reaches(lo)
+    while (lo < hi).any():  # smallest sign * y that reaches the level (32 halvings)
+        mid = (lo + hi) // 2
+        up = reaches(mid)
+        hi = np.where(up, mid, hi)
+        lo = np.where(up, lo, mid + 1)
+    thresholds = np.where(never, THRESHOLD_NEVER, np.where(always, THRESHOLD_ALWAYS, lo - 1))
+    return np.concatenate([sign[:, None], thresholds.T], axis=1).astype(np.int32)
+
+
+def requantize_by_thresholds(y, thresholds, precision):
+    """Codes of int32 sums y (..., K) from ``requantize_thresholds`` (what the GPU epilogue computes)."""
+    precision = Precision.parse(precision)
+    step = 2 if precision.encoding is Encoding.BINARY else 1
+    yp = np.asarray(y, np.int64)[..., None] * thresholds[:, 0].astype(np.int64)[:, None]
+    return (precision.lo + step * (yp > thresholds[:, 1:]).sum(axis=-1)).astype(np.int32)
+
+
 def requantize_pool(y, scale, bias, precision, zero_point=0, relu=False, mode="max"):
     """The fused epilogue with a 2x2 stride-2 pooling (floor mode) before the quantizer, in float32:
 

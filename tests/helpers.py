@@ -114,8 +114,11 @@ def check_conv(rng, px, pw, image, K, k, stride, padding, config=None, out_float
 
 
 def check_conv_packed(rng, px, pw, image, K, k, stride, padding, out_precision, relu=True, residual_precision=None,
-                      config=None, pool=None, packing="bits"):
-    """apconv with the fused epilogue (affine, residual, ReLU, requantize, pack) vs reference.requantize + pack."""
+                      config=None, pool=None, packing="bits", signs=False, device_constants=False):
+    """apconv with the fused epilogue (affine, residual, ReLU, requantize, pack) vs reference.requantize + pack.
+
+    signs: half the channels' scales negative; device_constants: scale and bias given as device arrays
+    (the kernel then runs the float32 epilogue; host ones without a residual give integer thresholds)."""
     from apnumba.conv import PackedConvWeight, apconv
 
     N, H, W, C = image
@@ -127,6 +130,8 @@ def check_conv_packed(rng, px, pw, image, K, k, stride, padding, out_precision, 
     spread = float(np.abs(exact).max() or 1)
     scale = (rng.uniform(0.5, 1.5, K) * (2 ** out_precision.bits) / spread).astype(np.float32)
     bias = rng.uniform(-1, 1, K).astype(np.float32)
+    if signs:
+        scale[::2] *= -1
     residual = res_codes = None
     if residual_precision is not None:
         res_codes = R.random_codes(rng, (N * OH * OW, K), residual_precision)
@@ -136,7 +141,8 @@ def check_conv_packed(rng, px, pw, image, K, k, stride, padding, out_precision, 
     out = PackedTensor.empty((N * OH * OW, K), out_precision)
     apconv(PackedTensor.from_codes(x, px, packing=packing), PackedConvWeight.from_codes(w, pw, packing=packing),
            stride, padding, out=out,
-           scale=scale, bias=bias, relu=relu, residual=residual, residual_scale=0.5, pool=pool, config=config)
+           scale=cuda.to_device(scale) if device_constants else scale, bias=cuda.to_device(bias) if device_constants else bias,
+           relu=relu, residual=residual, residual_scale=0.5, pool=pool, config=config)
     if pool:
         expect = R.requantize_pool(exact, scale, bias, out_precision, 0, relu, pool).reshape(-1, K)
     else:

@@ -33,6 +33,8 @@ def main():
     check_conv(rng, Precision.parse("b1"), Precision.parse("s2"), (2, 9, 10, 40), 48, 3, 2, 1)
     check_conv_packed(rng, Precision.parse("u2"), Precision.parse("b1"), (1, 8, 8, 64), 64, 3, 1, 1,
                       Precision.parse("u2"), residual_precision=Precision.parse("s3"))
+    check_conv_packed(rng, Precision.parse("u2"), Precision.parse("b1"), (1, 8, 8, 64), 64, 3, 1, 1,
+                      Precision.parse("s3"), signs=True)  # the integer-threshold epilogue
     for pool in ("max", "avg"):  # fused 2x2/2 pooling: window-ordered rows, odd sizes
         check_conv_packed(rng, Precision.parse("u2"), Precision.parse("s2"), (2, 9, 11, 40), 40, 3, 1, 1,
                           Precision.parse("u2"), pool=pool)

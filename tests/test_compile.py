@@ -199,23 +199,27 @@ def test_apconv_fused_pooling_sm90(p, q, shape, out):
     _check_apconv(p, q, shape, out)
 
 
-@pytest.mark.parametrize("out", ["pack", "pack_max"])
-def test_apconv_wide_tile_epilogue_sm90(out):
-    """Four 32-channel words per pixel (block_m 128, as VGG's conv2 runs): the channel constants stay in
-    registers (the pooling path once kept them in an 80-byte stack array)."""
+@pytest.mark.parametrize("out,levels", [("pack", 0), ("pack", 3), ("pack_max", 0)])
+def test_apconv_wide_tile_epilogue_sm90(out, levels):
+    """Four 32-channel words per pixel (block_m 128, as VGG's conv2 runs): the channel constants - and
+    with integer thresholds (levels > 0) each channel's sign and thresholds - stay in registers (the
+    pooling path once kept them in an 80-byte stack array); the threshold epilogue has no float math."""
     from apnumba.kernels.apmm import TileConfig
 
-    _check_apconv(1, 2, None, out, TileConfig(2, 4, 4, 2, 4))
+    c = _check_apconv(1, 2, None, out, TileConfig(2, 4, 4, 2, 4), levels)
+    floats = sum(v for op, v in c.opcodes().items() if op.startswith(("FMUL", "FADD", "FRND")))  # (I2F/F2I: divisions)
+    assert (floats == 0) == (levels > 0), c.opcodes()
 
 
-def _check_apconv(p, q, shape, out, cfg=None):
+def _check_apconv(p, q, shape, out, cfg=None, levels=0):
     from apnumba.conv import _signature as conv_signature, conv_config
     from apnumba.kernels.apmm import apconv_kernel
 
     cfg = cfg or conv_config(p, q, *shape, packed=out.startswith("pack"))
     packed = out.startswith("pack")
     # (out precision, residual precision, whole rows): u2 with a u2 residual, or s4 over several blocks
-    epilogue = ((2, 0, 0 if out != "pack" else 2, 0, True) if p == 1 else (4, 1, 0, 0, False)) if packed else None
+    epilogue = ((2, 0, 0 if out != "pack" or levels else 2, 0, True) if p == 1 else (4, 1, 0, 0, False)) if packed else None
+    epilogue = epilogue + (levels,) if levels else epilogue
     c = sass.compile_kernel(apconv_kernel(p, q, cfg, out, "b1", epilogue).py_func, conv_signature(out), (9, 0))
     check_clean(c, count=cfg.mma_per_step(p, q))
     if packed:
@@ -225,6 +229,7 @@ def _check_apconv(p, q, shape, out, cfg=None):
         assert c.opcodes()["VOTE.ANY"] >= epilogue[0] * words, c.opcodes()["VOTE.ANY"]
         assert ("ATOMG" in str(c.opcodes()) or "RED." in str(c.opcodes())) == (not epilogue[4])
     print(f"apconv w{p}a{q} {cfg.short()} {out}: {c.registers} registers")
+    return c
 
 
 @pytest.mark.parametrize("mode,bits,enc,out_bits,out_enc,k", [(0, 2, 0, 2, 0, 3), (1, 8, 1, 4, 0, 2), (0, 1, 2, 1, 2, 3)])

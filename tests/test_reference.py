@@ -209,3 +209,29 @@ def test_max_pooled_requantize_equals_requantize_then_max_pool(rng):
     avg = R.requantize_pool(y, scale, bias, "u4", 0, True, "avg")
     t = np.maximum(y[:, :6].astype(np.float64) * scale + bias, 0).reshape(2, 3, 2, 3, 2, 37).mean(axis=(2, 4))
     assert np.abs(avg - np.clip(np.rint(t), 0, 15)).max() <= 1  # float32 vs float64 rounding at ties only
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.sampled_from(["u1", "u2", "u3", "s2", "s3", "b1", "u8"]), st.booleans(), st.integers(0, 2**32 - 1))
+def test_requantize_thresholds_equal_the_float_epilogue(prec, relu, seed):
+    """Integer thresholds (the GPU's epilogue) give requantize's codes for every int32 sum: random ones,
+    the extremes, and each threshold's two sides; scales of both signs, zero, tiny and huge."""
+    rng = np.random.default_rng(seed)
+    p = Precision.parse(prec)
+    K = 24
+    scale = rng.choice([1, -1], K) * 10.0 ** rng.uniform(-9, 3, K)
+    scale[:3] = [0.0, -0.0, 3e38]
+    bias = rng.normal(0, 5, K) * (rng.random(K) < 0.7)
+    scale, bias = scale.astype(np.float32), bias.astype(np.float32)
+    zp = int(rng.integers(0, p.hi + 1)) if p.encoding.value == "unsigned" else 0
+    thr = R.requantize_thresholds(scale, bias, p, zp, relu)
+    edges = thr[:, 1:].astype(np.int64) * thr[:, :1]  # each threshold in y, and its neighbours
+    y = np.concatenate([rng.integers(-(2**31) + 1, 2**31, (64, K)), rng.integers(-3000, 3000, (64, K)),
+                        np.full((2, K), 2**31 - 1) * np.array([[1], [-1]]), edges.T, edges.T + 1, edges.T - 1])
+    y = np.clip(y, -(2**31) + 1, 2**31 - 1).astype(np.int32)
+    assert (R.requantize_by_thresholds(y, thr, p) == R.requantize(y, scale, bias, p, zp, relu)).all()
+
+
+def test_requantize_thresholds_need_finite_constants():
+    assert R.requantize_thresholds(np.float32([1, np.inf]), np.float32([0, 0]), "u2") is None
+    assert R.requantize_thresholds(np.float32([1, 1]), np.float32([0, np.nan]), "u2") is None

@@ -57,10 +57,10 @@ corrections (c_sw, c_sx, c_const), then int32, or float32 ``fadd_rn(fmul_rn(y, s
 from dataclasses import dataclass
 import functools
 
-from numba import cuda, float32, int32, int64, uint32
+from numba import cuda, float32, int32, int64, uint32, uint64
 
-from .pack import code_range, quantize_scaled
-from .packed_ops import code_of, store_word_at
+from .pack import ENC_BINARY, code_range, quantize_scaled
+from .packed_ops import encode_code, lane_code, store_word_at
 from .ptx import (
     SIMULATOR,
     cp_async_16,
@@ -216,8 +216,11 @@ def apconv_kernel(p, q, config, out, mma="b1", epilogue=None):
         raise ValueError(f"out: expected one of {OUT_KINDS}, got {out!r}")
     if out.startswith("pack") and config.block_m % 32:
         raise ValueError(f"config: packing the output needs block_m a multiple of 32, got {config.block_m}")
-    if out.startswith("pack") and (epilogue is None or len(epilogue) != 5):
-        raise ValueError(f"epilogue: a packed output needs (out_bits, out_encoding, res_bits, res_encoding, whole_rows), got {epilogue!r}")
+    if out.startswith("pack") and (epilogue is None or len(epilogue) not in (5, 6)):
+        raise ValueError("epilogue: a packed output needs (out_bits, out_encoding, res_bits, res_encoding, whole_rows"
+                         f"[, threshold levels]), got {epilogue!r}")
+    if len(epilogue or ()) == 6 and epilogue[5] and (epilogue[2] or out != "pack"):
+        raise ValueError(f"epilogue: thresholds replace the float epilogue only without a residual or pooling, got {epilogue!r}")
     return _build(p, q, config, out, conv=True, mma=mma, epilogue=epilogue)
 
 
@@ -254,7 +257,12 @@ def _build(p, q, config, out, conv, mma, epilogue=None):
     POOL = {"pack_max": 1, "pack_avg": 2}.get(out, 0) if isinstance(out, str) else 0  # 2x2/2 pooling
     OUT_DTYPE = float32 if OUT_FLOAT else int32
     WORDS_PER_COLUMN = BM // 32  # packed output: words of 32 channels per output pixel in the tile
-    OUT_BITS, OUT_ENC, RES_BITS, RES_ENC, WHOLE_ROWS = epilogue or (1, 0, 0, 0, False)
+    OUT_BITS, OUT_ENC, RES_BITS, RES_ENC, WHOLE_ROWS = (epilogue or (1, 0, 0, 0, False))[:5]
+    # > 0: the requantize as that many integer comparisons per channel (reference.requantize_thresholds)
+    LEVELS = epilogue[5] if epilogue is not None and len(epilogue) > 5 else 0
+    LEVEL_STEP = 2 if OUT_ENC == ENC_BINARY else 1
+    LEVEL_COLS = LEVELS + 1  # a channel's sign and thresholds
+    RES_ARRAY_PLANES = max(RES_BITS, 1)  # (a local array needs a size even without a residual)
     RASTER, STREAM_OUT = config.raster, config.stream_out
     COLS4 = BN // 4  # 4-column groups of the output tile
     FIXED_COLUMNS = THREADS % COLS4 == 0  # every thread keeps the same column group in the epilogue
@@ -640,9 +648,9 @@ def _build(p, q, config, out, conv, mma, epilogue=None):
         return col, kv != full
 
     @cuda.jit(device=True, inline="always")
-    def conv_value(smem, cc, wi, lane, col, border, ex, ch_sum_w, mc, ch_scale, ch_bias, tap_sums, H, W, R, S):
-        """The float32 ``y * scale + bias`` of tile pixel cc, channel 32 * wi + lane, corrections included
-        (col, border: :func:`pixel_terms`; ch_sum_w: the channel's SW, used by pixels with every tap inside)."""
+    def conv_sum(smem, cc, wi, lane, col, border, ex, ch_sum_w, mc, tap_sums, H, W, R, S):
+        """The int32 sum y of tile pixel cc, channel 32 * wi + lane, corrections included (col, border:
+        :func:`pixel_terms`; ch_sum_w: the channel's SW, used by pixels with every tap inside)."""
         v = int32(int32(ld_shared(smem, TILE_BASE + cc * TILE_LD + 32 * wi + lane)) + col)
         if ex != 0:
             if border:
@@ -651,10 +659,31 @@ def _build(p, q, config, out, conv, mma, epilogue=None):
                 v = int32(v + ex * border_tap_sum(tap_sums, mc, ih0, iw0, H, W, R, S))
             else:
                 v = int32(v + ex * ch_sum_w)
+        return v
+
+    @cuda.jit(device=True, inline="always")
+    def conv_value(smem, cc, wi, lane, col, border, ex, ch_sum_w, mc, ch_scale, ch_bias, tap_sums, H, W, R, S):
+        """The float32 ``y * scale + bias`` of :func:`conv_sum`."""
+        v = conv_sum(smem, cc, wi, lane, col, border, ex, ch_sum_w, mc, tap_sums, H, W, R, S)
         return f32_add_rn(f32_mul_rn(float32(v), ch_scale), ch_bias)
 
+    @cuda.jit(device=True, inline="always")
+    def level_code(v, thresholds, row, lo):
+        """The requantized code of sum v by integer comparisons: thresholds[row] = [sign, T_1 .. T_LEVELS]."""
+        yy = int32(v * thresholds[row, 0])
+        code = int32(lo)
+        for k in range(LEVELS):
+            code += LEVEL_STEP if yy > thresholds[row, k + 1] else 0
+        return code
+
+    @cuda.jit(device=True, inline="always")
+    def load_levels(thresholds, mc, dst, row):
+        """Channel mc's sign and thresholds into dst[row] (registers, where the loops over rows unroll)."""
+        for k in range(LEVEL_COLS):
+            dst[row, k] = thresholds[mc * LEVEL_COLS + k]
+
     def apconv(a_words, b_words, M, N, kwords, geometry, coef_w, coef_x, ex, ew, c_k,
-               sum_w, tap_sums, sum_x, scale, bias, y, y_rowsum, epi, res_words, res_scale):
+               sum_w, tap_sums, sum_x, scale, bias, y, y_rowsum, epi, res_words, res_scale, thresholds):
         """Implicit-GEMM convolution: a_words = weights (K_out x R*S*cwords), b_words = NHWC activations.
 
         geometry: [H, W, cwords, R, S, stride, padding, OH, OW, C, tap_words] (cwords: words of an input
@@ -826,6 +855,11 @@ def _build(p, q, config, out, conv, mma, epilogue=None):
                     ch_scale[wi] = scale[ch_m[wi]]
                     ch_bias[wi] = bias[ch_m[wi]]
                     ch_sum_w[wi] = sum_w[ch_m[wi]] if ex != 0 else 0
+                res_planes = cuda.local.array((RES_ARRAY_PLANES, WORDS_PER_COLUMN), uint32)
+                ch_levels = cuda.local.array((WORDS_PER_COLUMN, LEVEL_COLS), int32)
+                if LEVELS:
+                    for wi in range(WORDS_PER_COLUMN):
+                        load_levels(thresholds, ch_m[wi], ch_levels, wi)
             out_n = int32(warp)  # the warp's output row (a pooling window, or a pixel)
             while out_n < (BN >> 2 if POOL else BN):
                 n = int32(n0 + (out_n << 2 if POOL else out_n))
@@ -843,7 +877,9 @@ def _build(p, q, config, out, conv, mma, epilogue=None):
                         for wi in range(WORDS_PER_COLUMN):
                             m = int32(m0 + 32 * wi + lane)
                             mc = min(m, M - 1)
-                            sc, bi, sw = scale[mc], bias[mc], (sum_w[mc] if ex != 0 else 0)
+                            sw = sum_w[mc] if ex != 0 else 0
+                            valid = m < M
+                            sc, bi = scale[mc], bias[mc]
                             t0 = conv_value(smem, cc, wi, lane, col0, border0, ex, sw, mc, sc, bi, tap_sums, H, W, R, S)
                             t1 = conv_value(smem, cc + 1, wi, lane, col1, border1, ex, sw, mc, sc, bi, tap_sums, H, W, R, S)
                             t2 = conv_value(smem, cc + 2, wi, lane, col2, border2, ex, sw, mc, sc, bi, tap_sums, H, W, R, S)
@@ -857,22 +893,32 @@ def _build(p, q, config, out, conv, mma, epilogue=None):
                                 t = max(max(t0, t1), max(t2, t3))
                             else:  # (top pair + bottom pair) / 4, each sum rounded: the reference's order
                                 t = f32_mul_rn(f32_add_rn(f32_add_rn(t0, t1), f32_add_rn(t2, t3)), float32(0.25))
-                            valid = m < M
                             pattern = quantize_scaled(t, out_zp, lo, hi, OUT_BITS, OUT_ENC) if valid else 0
                             total += store_word_at(y, int32(out_at + wi), out_plane, OUT_BITS, OUT_ENC, lane, pattern, valid)
                     else:
                         cc = out_n
                         col, border = pixel_terms(smem, cc, c_k, ew, full)
-                        res_at = int32(n * res_cw + word0)
+                        if RES_BITS > 0:
+                            # The pixel's residual words, every load issued before the first store (the
+                            # stores below could alias them, so the compiler would not hoist them itself).
+                            res_at = uint64(n) * uint64(res_cw) + uint64(word0)
+                            for j in range(RES_BITS):
+                                for wi in range(WORDS_PER_COLUMN):
+                                    res_planes[j, wi] = res_words[res_at + uint64(j) * uint64(res_plane) + uint64(wi)]
                         for wi in range(WORDS_PER_COLUMN):
+                            valid = ch_valid[wi] != 0
+                            if LEVELS:  # integer comparisons: affine, ReLU and quantizer in one
+                                v = conv_sum(smem, cc, wi, lane, col, border, ex, ch_sum_w[wi], ch_m[wi], tap_sums, H, W, R, S)
+                                pattern = encode_code(level_code(v, ch_levels, wi, lo), OUT_BITS, OUT_ENC) if valid else 0
+                                total += store_word_at(y, int32(out_at + wi), out_plane, OUT_BITS, OUT_ENC, lane, pattern, valid)
+                                continue
                             t = conv_value(smem, cc, wi, lane, col, border, ex, ch_sum_w[wi], ch_m[wi], ch_scale[wi],
                                            ch_bias[wi], tap_sums, H, W, R, S)
                             if RES_BITS > 0:
-                                rc = code_of(res_words, int32(res_at + wi), res_plane, RES_BITS, RES_ENC, lane)
+                                rc = lane_code(res_planes, wi, RES_BITS, RES_ENC, lane)
                                 t = f32_add_rn(t, f32_mul_rn(float32(rc - res_zp), res_scale))
                             if relu != 0 and not t > 0:
                                 t = float32(0)
-                            valid = ch_valid[wi] != 0
                             pattern = quantize_scaled(t, out_zp, lo, hi, OUT_BITS, OUT_ENC) if valid else 0  # scale 1
                             total += store_word_at(y, int32(out_at + wi), out_plane, OUT_BITS, OUT_ENC, lane, pattern, valid)
                     if lane == 0:
@@ -915,7 +961,7 @@ def _build(p, q, config, out, conv, mma, epilogue=None):
     kernel = apconv if conv else apmm
     kind = out if OUT_PACK else ("f32" if OUT_FLOAT else "i32")
     if OUT_PACK:
-        kind += f"_{'usb'[OUT_ENC]}{OUT_BITS}" + (f"_res{'usb'[RES_ENC]}{RES_BITS}" if RES_BITS else "") + ("_w" if WHOLE_ROWS else "")
+        kind += f"_{'usb'[OUT_ENC]}{OUT_BITS}" + (f"_t{LEVELS}" if LEVELS else "") + (f"_res{'usb'[RES_ENC]}{RES_BITS}" if RES_BITS else "") + ("_w" if WHOLE_ROWS else "")
     kernel.__name__ = f"{'apconv' if conv else 'apmm'}_w{p}a{q}_{config.short()}_{kind}"
     kernel.__qualname__ = kernel.__name__
     if config.min_blocks and not SIMULATOR:  # (the simulator's jit takes no launch bounds)

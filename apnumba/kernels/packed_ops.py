@@ -34,6 +34,15 @@ def code_of(words, at, plane_words, bits, encoding, lane):
 
 
 @cuda.jit(device=True, inline="always")
+def lane_code(planes, col, bits, encoding, lane):
+    """The code of bit ``lane`` of plane words already loaded: planes[j, col] for plane j."""
+    v = int32(0)
+    for j in range(bits):
+        v += plane_coef(j, bits, encoding) * int32((planes[j, col] >> lane) & 1)
+    return v - 1 if encoding == ENC_BINARY else v
+
+
+@cuda.jit(device=True, inline="always")
 def code_at(words, rows, cwords, bits, encoding, row, word, lane):
     """The code of channel 32 * word + lane of ``row`` in packed words (bits, rows, cwords)."""
     return code_of(words, row * cwords + word, rows * cwords, bits, encoding, lane)

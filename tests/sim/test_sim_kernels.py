@@ -104,18 +104,26 @@ def test_apconv_zero_points(rng):
                TileConfig(1, 1, 1, 2, 2), zx=2, zw=1)
 
 
-@pytest.mark.parametrize("out,res", [("u2", None), ("b1", "s3"), ("s3", "u2")])
-def test_apconv_fused_epilogue(rng, out, res):
+# (out, residual, signs, device constants): integer thresholds where there is no residual and the constants
+# are host values (scales of both signs, +-1 codes), else the float32 epilogue
+EPILOGUES = [("u2", None, False, False), ("s3", None, True, False), ("b1", None, True, False),
+             ("u2", None, False, True), ("b1", "s3", False, False), ("s3", "u2", True, False)]
+
+
+@pytest.mark.parametrize("out,res,signs,device", EPILOGUES, ids=[f"{e[0]}-{e[1]}-{e[2]}-{e[3]}" for e in EPILOGUES])
+def test_apconv_fused_epilogue(rng, out, res, signs, device):
     check_conv_packed(rng, Precision.parse("u2"), Precision.parse("b1"), (1, 4, 5, 40), 40, 3, 1, 1,
                       Precision.parse(out), relu=out != "s3", residual_precision=res and Precision.parse(res),
-                      config=TileConfig(2, 1, 1, 1, 2))
+                      config=TileConfig(2, 1, 1, 1, 2), signs=signs, device_constants=device)
 
 
-@pytest.mark.parametrize("pool,out", [("max", "u2"), ("avg", "s3")])
-def test_apconv_fused_pooling(rng, pool, out):
+@pytest.mark.parametrize("pool,out,signs,device", [("max", "u2", False, False), ("max", "s3", True, True),
+                                                   ("avg", "s3", False, False)])
+def test_apconv_fused_pooling(rng, pool, out, signs, device):
     """2x2/2 pooling in the epilogue: odd sizes (floor), binary padding corrections, two m-blocks."""
     check_conv_packed(rng, Precision.parse("u2"), Precision.parse("b1"), (1, 5, 4, 40), 64, 3, 1, 1,
-                      Precision.parse(out), relu=pool == "max", config=TileConfig(2, 1, 1, 1, 2), pool=pool)
+                      Precision.parse(out), relu=pool == "max", config=TileConfig(2, 1, 1, 1, 2), pool=pool,
+                      signs=signs, device_constants=device)
 
 
 def test_two_chained_layers(rng):
