@@ -356,9 +356,11 @@ def _fusion_worth(stream, batch):
     N, C, K, size = batch, 256, 256, 14
     x = PackedTensor.from_codes(R.random_codes(rng, (N, size, size, C), "u2"), "u2")
     w = PackedConvWeight.from_codes(R.random_codes(rng, (K, 3, 3, C), "b1"), "b1")
-    scale, bias = cuda.to_device(np.full(K, 0.01, np.float32)), cuda.to_device(np.zeros(K, np.float32))
+    scale_host, bias_host = np.full(K, 0.01, np.float32), np.zeros(K, np.float32)
+    scale, bias = cuda.to_device(scale_host), cuda.to_device(bias_host)
     packed = PackedTensor.empty((N * size * size, K), "u2")
-    fused = prepare_apconv(x, w, 1, 1, out=packed, scale=scale, bias=bias, relu=True, stream=stream)
+    # host constants, as networks give them: the fused epilogue runs as integer thresholds
+    fused = prepare_apconv(x, w, 1, 1, out=packed, scale=scale_host, bias=bias_host, relu=True, stream=stream)
     y = cuda.device_array((N, size, size, K), np.int32)
     conv_only = prepare_apconv(x, w, 1, 1, out=y, stream=stream)
 

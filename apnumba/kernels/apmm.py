@@ -684,7 +684,8 @@ def _build(p, q, config, out, conv, mma, epilogue=None):
 
     def apconv(a_words, b_words, M, N, kwords, geometry, coef_w, coef_x, ex, ew, c_k,
                sum_w, tap_sums, sum_x, scale, bias, y, y_rowsum, epi, res_words, res_scale, thresholds):
-        """Implicit-GEMM convolution: a_words = weights (K_out x R*S*cwords), b_words = NHWC activations.
+        """Implicit-GEMM convolution: a_words = weights (K_out x kwords: R*S taps of tap_words words, padded
+        to whole k-steps), b_words = NHWC activations.
 
         geometry: [H, W, cwords, R, S, stride, padding, OH, OW, C, tap_words] (cwords: words of an input
         pixel; tap_words: of a tap along K, ``reference.conv_tap_words``).  y: NHWC output, y[n * M + m];
@@ -757,7 +758,7 @@ def _build(p, q, config, out, conv, mma, epilogue=None):
         for ps in range(PASSES):
             zero_accumulators(acc)
             a_pass = int64(ps * PG) * M * kwords
-            # The tap (r, s) and channel step of this thread's k-step in the next stage to load.
+            # The tap (r, s) and the word within it of this thread's chunk in the next stage to load.
             # (K runs over taps of tap_words words: whole k-steps of the pixel's channel words, or 4 words -
             # half a k-step, one 16-byte chunk - for at most 128 channels, so two taps share an mma.)
             step = int32(chunk >> 1)
