@@ -270,3 +270,14 @@ def test_packed_ops(name, sig):
 
     c = sass.compile_kernel(getattr(packed_ops, name).py_func, sig, (9, 0))
     check_clean(c, bmma=None)
+
+
+def test_conv_config_keeps_one_k_step_a_stage_on_large_grids():
+    """Grids with blocks for two per SM get one k-step a stage (more cost ~40 registers and one block per
+    SM: 1.3-1.8x slower on ResNet-18's 3x3 layers at batch 256 on the H100)."""
+    from apnumba.conv import conv_config
+    from apnumba.tuning import SMS
+
+    for M, N, C in [(256, 256 * 14 * 14, 256), (512, 256 * 7 * 7, 512), (64, 256 * 56 * 56, 64)]:
+        cfg = conv_config(1, 2, M, N, 9 * C, packed=True)
+        assert -(-M // cfg.block_m) * -(-N // cfg.block_n) >= 2 * SMS and cfg.steps == cfg.warps_k, cfg.short()
