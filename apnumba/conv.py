@@ -106,8 +106,7 @@ def _thresholds(scale, bias, K, out, relu):
         return 0, _dummy(np.int32)
     scale = np.ones(K, np.float32) if scale is None else np.asarray(scale, np.float32)
     bias = np.zeros(K, np.float32) if bias is None else np.asarray(bias, np.float32)
-    step = 2 if out.precision.encoding.code == 2 else 1
-    levels = (out.precision.hi - out.precision.lo) // step
+    _, levels = reference.threshold_levels(out.precision)
     if levels > MAX_LEVELS or scale.shape != (K,) or bias.shape != (K,):
         return 0, _dummy(np.int32)  # (bad shapes: _vector below says what was expected)
     table = reference.requantize_thresholds(scale, bias, out.precision, out.zero_point, relu)

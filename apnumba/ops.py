@@ -56,16 +56,24 @@ def _pool_shape(x, kernel_size, stride, padding):
     return (N, H, W), stride, (N, OH, OW)
 
 
-def _pool(x, out, mode, kernel_size, stride, padding, out_image, multiplier, stream):
+def _pool(x, out, kernel_size, stride, padding, out_image, stream, avg_multiplier=None):
+    """Pool x into out.  Max (no ``avg_multiplier``): the bit-sliced kernel, one thread per output word;
+    average: one warp per output word.  Both add each word's code sum to the zeroed row sums."""
     (N, H, W), (_, OH, OW) = x.image, out_image
     out.require_bits("out", "pooling")
     out.image = out_image
     geometry = _i32([N, H, W, x.K, kernel_size, stride, padding, OH, OW, x.kwords])
-    params = _i32([x.zero_point, out.zero_point])
-    kernel = K.pool_kernel(mode, x.bits, x.precision.encoding.code, out.bits, out.precision.encoding.code, kernel_size)
-    zero_fill(out.rowsum, stream or cuda.default_stream())  # the warps of a row's words add their code sums
-    _launch(kernel, N * OH * OW * -(-x.K // 32), stream, x.words.reshape(x.words.size), geometry, params,
-            np.float32(multiplier), out.words.reshape(out.words.size), out.rowsum)
+    stream = stream or cuda.default_stream()
+    zero_fill(out.rowsum, stream)
+    words = N * OH * OW * -(-x.K // 32)
+    enc = x.precision.encoding.code
+    if avg_multiplier is None:
+        K.max_pool_kernel(x.bits, enc, kernel_size)[-(-words // 256), 256, stream](
+            x.words.reshape(x.words.size), geometry, out.words.reshape(out.words.size), out.rowsum)
+    else:
+        kernel = K.pool_kernel(K.POOL_AVG, x.bits, enc, out.bits, out.precision.encoding.code, kernel_size)
+        _launch(kernel, words, stream, x.words.reshape(x.words.size), geometry, _i32([x.zero_point, out.zero_point]),
+                np.float32(avg_multiplier), out.words.reshape(out.words.size), out.rowsum)
     return out
 
 
@@ -77,17 +85,7 @@ def max_pool2d(x, kernel_size, stride=None, padding=0, out=None, stream=0):
         out = PackedTensor.empty((N * OH * OW, x.K), x.precision, x.scale[0], x.zero_point)
     if out.precision != x.precision or out.zero_point != x.zero_point or out.shape != (N * OH * OW, x.K):
         raise ValueError(f"out: max pooling keeps the precision: expected {x.precision} {(N * OH * OW, x.K)}")
-    out.require_bits("out", "pooling")
-    out.image = (N, OH, OW)
-    _, H, W = x.image
-    kernel = K.max_pool_kernel(x.bits, x.precision.encoding.code, kernel_size)
-    stream = stream or cuda.default_stream()
-    zero_fill(out.rowsum, stream)  # each thread adds its word's code sum
-    threads = N * OH * OW * -(-x.K // 32)
-    kernel[-(-threads // 256), 256, stream](
-        x.words.reshape(x.words.size), _i32([N, H, W, x.K, kernel_size, stride, padding, OH, OW, x.kwords]),
-        out.words.reshape(out.words.size), out.rowsum)
-    return out
+    return _pool(x, out, kernel_size, stride, padding, (N, OH, OW), stream)
 
 
 def avg_pool2d(x, kernel_size, stride=None, padding=0, out=None, stream=0):
@@ -104,7 +102,7 @@ def avg_pool2d(x, kernel_size, stride=None, padding=0, out=None, stream=0):
     if out.shape != (N * OH * OW, x.K):
         raise ValueError(f"out: expected shape {(N * OH * OW, x.K)}, got {out.shape}")
     multiplier = float(x.scale[0]) / (kernel_size * kernel_size * float(out.scale[0]))
-    return _pool(x, out, K.POOL_AVG, kernel_size, stride, padding, (N, OH, OW), multiplier, stream)
+    return _pool(x, out, kernel_size, stride, padding, (N, OH, OW), stream, avg_multiplier=multiplier)
 
 
 def add(a, b, out, relu=False, stream=0):

@@ -405,6 +405,13 @@ def requantize(y, scale, bias, precision, zero_point=0, relu=False, residual=Non
     return quantize(flat, precision, 1.0, zero_point).reshape(t.shape)
 
 
+def threshold_levels(precision):
+    """(step, levels) of a precision's codes: lo + step * k for k = 0 .. levels (step 2 for +-1 codes)."""
+    precision = Precision.parse(precision)
+    step = 2 if precision.encoding is Encoding.BINARY else 1
+    return step, (precision.hi - precision.lo) // step
+
+
 THRESHOLD_NEVER = 2**31 - 1  # no int32 sum is above it
 THRESHOLD_ALWAYS = -(2**31)  # every int32 sum the products can give (|y| <= 2^31 - 1) is above it
 
@@ -428,8 +435,7 @@ def requantize_thresholds(scale, bias, precision, zero_point=0, relu=False):
     bias = np.asarray(bias, np.float32).reshape(-1)
     if not (np.isfinite(scale).all() and np.isfinite(bias).all()):
         return None
-    step = 2 if precision.encoding is Encoding.BINARY else 1
-    levels = (precision.hi - precision.lo) // step
+    step, levels = threshold_levels(precision)
     sign = np.where(scale < 0, -1, 1).astype(np.int64)
     target = precision.lo + step * np.arange(1, levels + 1, dtype=np.int64)[:, None]  # (levels, 1)
 
@@ -452,7 +458,7 @@ def requantize_thresholds(scale, bias, precision, zero_point=0, relu=False):
 def requantize_by_thresholds(y, thresholds, precision):
     """Codes of int32 sums y (..., K) from ``requantize_thresholds`` (what the GPU epilogue computes)."""
     precision = Precision.parse(precision)
-    step = 2 if precision.encoding is Encoding.BINARY else 1
+    step, _ = threshold_levels(precision)
     yp = np.asarray(y, np.int64)[..., None] * thresholds[:, 0].astype(np.int64)[:, None]
     return (precision.lo + step * (yp > thresholds[:, 1:]).sum(axis=-1)).astype(np.int32)
 
