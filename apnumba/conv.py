@@ -66,8 +66,9 @@ def _signature(out):
 
 
 @functools.lru_cache(maxsize=None)
-def launcher(p, q, config, out, mma="b1", epilogue=None):
-    return CompiledKernel(apconv_kernel(p, q, config, out, mma, epilogue), _signature(out), config.shared_bytes(p, q, True))
+def launcher(p, q, config, out, mma="b1", epilogue=None, word_taps=False):
+    return CompiledKernel(apconv_kernel(p, q, config, out, mma, epilogue, word_taps), _signature(out),
+                          config.shared_bytes(p, q, True))
 
 
 @functools.lru_cache(maxsize=None)
@@ -207,7 +208,7 @@ def prepare_apconv(x, w, stride=1, padding=0, *, out=None, scale=None, bias=None
     if packed and residual is None and pool is None:  # (with a fused 2x2 max pool they measured slower: VGG
         levels, thresholds = _thresholds(scale, bias, K, out, relu)  # conv1/conv2 at batch 256, +9-14%)
     epilogue = (epi[0], epi[1], epi[4], epi[5], whole_rows, levels) if packed else None
-    bound = launcher(p, q, cfg, kind, mma, epilogue).bind(
+    bound = launcher(p, q, cfg, kind, mma, epilogue, w.tap_words == 1).bind(
         (-(-Npix // cfg.block_n), -(-M // cfg.block_m)), (cfg.threads,), stream,
         (w.words, x.words, M, Npix, w.kwords, _geometry((H, W, x.kwords, R, S, int(stride), int(padding), OH, OW, C, w.tap_words)),
          _coef(w.precision, packing), _coef(x.precision, packing), ex, ew, ew * ex - ex * dw - ew * dx, w.rowsum, w.tap_sums, x.rowsum,

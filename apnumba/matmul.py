@@ -49,6 +49,9 @@ def _check_operands(w, x):
     for name, t in (("w", w), ("x", x)):
         if not isinstance(t, PackedTensor):
             raise TypeError(f"{name}: expected a PackedTensor, got {type(t).__name__}")
+        if t.compact:
+            raise ValueError(f"{name}: a compact PackedTensor (one word a pixel, PackedTensor.from_image) is a "
+                             "convolution input only; apmm reads rows padded to whole k-steps")
     if w.K != x.K:
         raise ValueError(f"w, x: reduction lengths differ: w is {w.shape} (K={w.K}), x is {x.shape} (K={x.K})")
     if w.packing != x.packing:

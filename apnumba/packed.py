@@ -25,13 +25,6 @@ def _cached_i32(values):
     return cuda.to_device(np.asarray(values, np.int32))
 
 
-@functools.lru_cache(maxsize=None)
-def _resident_blocks():
-    """Blocks of 256 threads the GPU runs at once (8 per SM): the size of a grid-stride launch (the
-    simulator's one block makes every loop of it run several times)."""
-    return 8 * getattr(cuda.get_current_device(), "MULTIPROCESSOR_COUNT", 1 / 8)
-
-
 def _rows(codes, name):
     """(rows, K) codes and the image shape (N, H, W) if they were NHWC images."""
     if codes.ndim == 4:
@@ -42,6 +35,17 @@ def _rows(codes, name):
     return codes, None
 
 
+def _image_geometry(x, layout):
+    """(N, C, H, W, element strides by (n, h, w, c)) of a contiguous 4-D image batch in ``layout``."""
+    if layout not in ("NCHW", "NHWC"):
+        raise ValueError(f"layout: expected 'NCHW' or 'NHWC', got {layout!r}")
+    if layout == "NCHW":
+        N, C, H, W = x.shape
+        return N, C, H, W, (C * H * W, W, 1, H * W)
+    N, H, W, C = x.shape
+    return N, C, H, W, (H * W * C, W * C, C, 1)
+
+
 class PackedTensor:
     """Bit planes of integer codes ``(rows, K)`` of one :class:`~apnumba.precision.Precision`.
 
@@ -50,16 +54,22 @@ class PackedTensor:
     row's codes, used by the correction terms of binary encodings), ``scale``
     (float32 per row), ``zero_point``, ``packing`` ("bits", or "bytes": one plane of
     int8 values, words (1, rows, kwords), for the int8 tensor cores - ``reference``).
+    ``compact``: bytes of at most 4 per row (an image's pixels) in one word a row instead of a
+    padded k-step - a convolution's input only (:meth:`from_image`).
     """
 
-    def __init__(self, words, rowsum, shape, precision, scale=1.0, zero_point=0, image=None, packing="bits"):
+    def __init__(self, words, rowsum, shape, precision, scale=1.0, zero_point=0, image=None, packing="bits",
+                 compact=False):
         self.precision = Precision.parse(precision)
         self.packing = reference.check_packing(packing)
         rows, K = (int(s) for s in shape)
         if rows < 1 or K < 1:
             raise ValueError(f"shape: expected rows >= 1 and K >= 1, got {shape}")
         self.shape = (rows, K)
-        self.kwords = reference.padded_words(K, packing)
+        self.compact = bool(compact)
+        if self.compact and (packing != "bytes" or K > 4):
+            raise ValueError(f"compact: one word a row holds at most 4 bytes (packing='bytes'), got K={K}, packing={packing!r}")
+        self.kwords = 1 if self.compact else reference.padded_words(K, packing)
         expect = (self.planes, rows, self.kwords)
         if tuple(words.shape) != expect or np.dtype(words.dtype) != np.uint32:
             raise ValueError(f"words: expected uint32 {expect}, got {np.dtype(words.dtype).name} {tuple(words.shape)}")
@@ -81,7 +91,7 @@ class PackedTensor:
     planes = property(lambda self: reference.planes(self.precision, self.packing))
 
     def __repr__(self):
-        extra = ", packing='bytes'" if self.packing == "bytes" else ""
+        extra = (", packing='bytes'" if self.packing == "bytes" else "") + (", compact=True" if self.compact else "")
         return f"PackedTensor(shape={self.shape}, precision={self.precision}, kwords={self.kwords}{extra})"
 
     def require_bits(self, name, op):
@@ -90,16 +100,16 @@ class PackedTensor:
             raise ValueError(f"{name}: {op} reads bit planes, got a PackedTensor with packing={self.packing!r}")
 
     @classmethod
-    def empty(cls, shape, precision, scale=1.0, zero_point=0, packing="bits"):
+    def empty(cls, shape, precision, scale=1.0, zero_point=0, packing="bits", compact=False):
         """Device buffers for a tensor to be filled by :meth:`pack_` (or a kernel's epilogue)."""
         require_gpu()
         precision = Precision.parse(precision)
         rows, K = shape
+        kwords = 1 if compact else reference.padded_words(K, packing)
         # Zeroed once: the padding words past K are never written by any kernel and must stay zero.
-        words = cuda.to_device(np.zeros((reference.planes(precision, packing), rows, reference.padded_words(K, packing)),
-                                        dtype=np.uint32))
+        words = cuda.to_device(np.zeros((reference.planes(precision, packing), rows, kwords), dtype=np.uint32))
         rowsum = cuda.device_array(rows, dtype=np.int32)
-        return cls(words, rowsum, shape, precision, scale, zero_point, packing=packing)
+        return cls(words, rowsum, shape, precision, scale, zero_point, packing=packing, compact=compact)
 
     @classmethod
     def from_codes(cls, codes, precision, scale=1.0, zero_point=0, packing="bits"):
@@ -130,24 +140,22 @@ class PackedTensor:
     @classmethod
     def from_patches(cls, x, kernel_size, stride=1, padding=0, precision="u8", scale=1.0, zero_point=0, layout="NCHW",
                      out=None, stream=0, packing="bits"):
-        """A first layer's input: quantize float images and pack every output pixel's receptive field.
+        """A bit-packed first layer's input: quantize float images and pack every output pixel's receptive
+        field as bit planes (a 147-feature 7x7 RGB field fills one 256-bit k-step, where direct taps of
+        3 channels would take seven).
 
         Rows are the output pixels, K = kernel_size^2 * C features in (r, s, c) order, zero outside the
         image - the layer then runs as a 1x1 convolution over these rows (``image`` is (N, OH, OW)).
         ``x``: float32/float16, NCHW or NHWC (``layout``), host or device.  ``out``: a PackedTensor to
-        fill (allocated once by a network; its packing wins), else a new one of ``packing``.  The
-        quantizer is reference.quantize's.
+        fill (allocated once by a network), else a new one.  The quantizer is reference.quantize's.
+        Byte packing has no receptive fields: :meth:`from_image` and a convolution that reads the pixels.
         """
         require_gpu()
+        if reference.check_packing(packing) == "bytes" or (out is not None and out.packing == "bytes"):
+            raise ValueError("packing: receptive fields are packed as bits only; for bytes use PackedTensor.from_image "
+                             "and convolve it (apconv reads the image's bytes directly)")
         x = as_device_array(x, "x", dtypes=(np.float32, np.float16), ndim=4)
-        if layout not in ("NCHW", "NHWC"):
-            raise ValueError(f"layout: expected 'NCHW' or 'NHWC', got {layout!r}")
-        if layout == "NCHW":
-            N, C, H, W = x.shape
-            strides = (C * H * W, W, 1, H * W)
-        else:
-            N, H, W, C = x.shape
-            strides = (H * W * C, W * C, C, 1)
+        N, C, H, W, strides = _image_geometry(x, layout)
         k = int(kernel_size)
         OH = reference.conv_output_size(H, k, stride, padding)
         OW = reference.conv_output_size(W, k, stride, padding)
@@ -160,15 +168,38 @@ class PackedTensor:
         if not hasattr(out, "_scale_dev"):
             out._scale_dev = cuda.to_device(out.scale[:1])
         geometry = _cached_i32((N, H, W, C, k, k, int(stride), int(padding), OH, OW))
-        if out.packing == "bytes":
-            out._pack_patches_bytes(x.reshape(x.size), geometry, strides, N * H * W * C, stream)
-            return out
         grid = -(-shape[0] // pack_kernels.WARPS_PER_BLOCK)
         kernel = pack_kernels.pack_patches_kernel(out.bits, out.precision.encoding.code)
         kernel[grid, 32 * pack_kernels.WARPS_PER_BLOCK, _launch_stream(stream)](
             x.reshape(x.size), geometry, _cached_i32(strides), out._scale_dev, out.zero_point,
             out.words.reshape(out.words.size), out.kwords, out.rowsum,
         )
+        return out
+
+    @classmethod
+    def from_image(cls, x, precision="s8", scale=1.0, zero_point=0, layout="NCHW", out=None, stream=0):
+        """A byte-packed first layer's input: quantize float images into NHWC pixels of code bytes, which
+        the convolution reads directly (no receptive fields are materialized).  At most 4 channels
+        (RGB, RGBA, grey) take one word a pixel (``compact``); more take padded rows.
+
+        ``x``: float32/float16 (N, C, H, W) or (N, H, W, C) by ``layout``, host or device.  ``out``: a
+        tensor of this shape to fill (a network allocates it once).  The quantizer is reference.quantize's.
+        """
+        require_gpu()
+        x = as_device_array(x, "x", dtypes=(np.float32, np.float16), ndim=4)
+        N, C, H, W, strides = _image_geometry(x, layout)
+        shape = (N * H * W, C)
+        if out is None:
+            out = cls.empty(shape, precision, scale, zero_point, "bytes", compact=C <= 4)
+        elif out.shape != shape or out.packing != "bytes":
+            raise ValueError(f"out: expected a byte-packed PackedTensor of shape {shape}, got {out!r}")
+        out.image = (N, H, W)
+        if not hasattr(out, "_scale_dev"):
+            out._scale_dev = cuda.to_device(out.scale[:1])
+        kernel = pack_kernels.quantize_pixels_bytes_kernel(out.bits, out.precision.encoding.code)
+        kernel[-(-shape[0] // 256), 256, _launch_stream(stream)](
+            x.reshape(x.size), _cached_i32((N, H, W, C)), _cached_i32(strides), out._scale_dev, out.zero_point,
+            out.words.reshape(out.words.size), out.kwords, out.rowsum)
         return out
 
     def pack_(self, x, stream=0):
@@ -203,29 +234,13 @@ class PackedTensor:
         segment = pack_kernels.byte_segment(-(-self.K // 4))
         return segment, -(-self.rows // (pack_kernels.WARPS_PER_BLOCK * (32 // segment)))
 
-    def _pack_patches_bytes(self, flat_x, geometry, strides, values, stream):
-        """Byte-packed receptive fields in two launches: quantize every input value once into NHWC code
-        bytes (a buffer kept with this tensor, so a network allocates it once), then gather the rows."""
-        stream = _launch_stream(stream)
-        codes = getattr(self, "_image_codes", None)
-        if codes is None or codes.size != values:
-            codes = self._image_codes = cuda.device_array(values, np.uint8)
-        encoding = self.precision.encoding
-        channels_last = int(strides[3] == 1)
-        pack_kernels.quantize_image_bytes_kernel(self.bits, encoding.code)[-(-values // 256), 256, stream](
-            flat_x, geometry, _cached_i32(tuple(strides)), channels_last, self._scale_dev, self.zero_point, codes)
-        segment, blocks = self._byte_rows_grid()
-        kernel = pack_kernels.gather_patches_bytes_kernel(encoding.code != pack_kernels.ENC_UNSIGNED, segment,
-                                                          pack_kernels.gather_words_per_lane(self.K, segment))
-        pad_code = 1 if encoding.code == pack_kernels.ENC_BINARY else self.zero_point  # the code of 0.0
-        blocks = min(blocks, int(_resident_blocks()))  # each warp walks many rows
-        kernel[blocks, 32 * pack_kernels.WARPS_PER_BLOCK, stream](
-            codes, geometry, pad_code, self.words.reshape(self.words.size), self.kwords, self.rowsum)
-
     def codes(self, stream=0):
         """Unpack on the GPU (bytes: a copy and a view): host int32 codes (rows, K)."""
         if self.packing == "bytes":
-            return reference.unpack(self.words.copy_to_host(), self.precision, self.K, "bytes")
+            words = self.words.copy_to_host()
+            if self.compact:  # to the padded layout reference.unpack reads
+                words = np.pad(words, ((0, 0), (0, 0), (0, reference.padded_words(self.K, "bytes") - 1)))
+            return reference.unpack(words, self.precision, self.K, "bytes")
         rows, K = self.shape
         out = cuda.device_array(rows * K, dtype=np.int32)
         threads = 256

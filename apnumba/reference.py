@@ -298,9 +298,12 @@ def conv2d_int(x_codes, w_codes, stride=1, padding=0, zx=0, zw=0):
 
 def conv_tap_words(C, packing="bits"):
     """Words one tap takes along K in the convolution's weight layout (and the kernel's gathered rows):
-    4 - half a 256-bit k-step, so two taps share one mma - for bit planes of at most 128 channels;
-    else the channels' padded words (whole k-steps)."""
-    if check_packing(packing) == "bits" and C <= 4 * WORD_BITS:
+    1 where the channels fit one word (<= 32 bit-plane channels, <= 4 byte channels: an image's RGB),
+    so eight taps share one mma; 4 - half a 256-bit k-step, one 16-byte copy - for bit planes of at
+    most 128 channels; else the channels' padded words (whole k-steps)."""
+    if C <= _PER_WORD[check_packing(packing)]:
+        return 1
+    if packing == "bits" and C <= 4 * WORD_BITS:
         return 4
     return padded_words(C, packing)
 

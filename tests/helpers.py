@@ -113,6 +113,31 @@ def check_conv(rng, px, pw, image, K, k, stride, padding, config=None, out_float
     )
 
 
+def check_image_conv(rng, image, K, k, stride, padding, px="s8", zx=0, pw="s8", layout="NCHW", config=None):
+    """A byte-packed first layer: PackedTensor.from_image (float images -> NHWC code bytes, one word a pixel
+    for <= 4 channels) vs quantize + reference.pack, then apconv reading those bytes directly (one word a
+    tap) vs the plain integer convolution of the quantized image; poisoned output."""
+    from apnumba.conv import PackedConvWeight, apconv
+
+    N, H, W, C = image
+    x = rng.standard_normal(image).astype(np.float32)  # NHWC values
+    arg = x.transpose(0, 3, 1, 2).copy() if layout == "NCHW" else x
+    X = PackedTensor.from_image(arg, px, scale=0.05, zero_point=zx, layout=layout)
+    codes = quantize(x, px, 0.05, zx)
+    expect_words = R.pack(codes.reshape(-1, C), px, "bytes")
+    assert X.image == (N, H, W) and X.shape == (N * H * W, C) and X.compact == (C <= 4)
+    assert (X.words_host() == expect_words[:, :, : X.kwords]).all(), "from_image: words"
+    assert (X.rowsum_host() == R.row_sums(codes.reshape(-1, C))).all(), "from_image: row sums"
+    assert (X.codes() == codes.reshape(-1, C)).all()
+    w = R.random_codes(rng, (K, k, k, C), pw)
+    exact = R.conv2d_int(codes, w, stride, padding, zx).astype(np.int32)
+    out = cuda.to_device(np.full(exact.shape, INT_POISON))
+    apconv(X, PackedConvWeight.from_codes(w, pw, packing="bytes"), stride, padding, out=out, config=config)
+    got = out.copy_to_host()
+    bad = np.argwhere(got != exact)
+    assert bad.size == 0, f"image conv {image} {layout} x{px} zp {zx} K={K} {k}x{k}/{stride} p{padding}: {len(bad)} wrong"
+
+
 def check_conv_packed(rng, px, pw, image, K, k, stride, padding, out_precision, relu=True, residual_precision=None,
                       config=None, pool=None, packing="bits", signs=False, device_constants=False):
     """apconv with the fused epilogue (affine, residual, ReLU, requantize, pack) vs reference.requantize + pack.

@@ -12,7 +12,7 @@ import numpy as np
 from apnumba.kernels.apmm import TileConfig
 from apnumba.precision import Precision
 from apnumba.tuning import default_config
-from tests.helpers import check_apmm, check_conv, check_conv_packed, check_pack, check_pooling_and_add
+from tests.helpers import check_apmm, check_conv, check_conv_packed, check_image_conv, check_pack, check_pooling_and_add
 
 
 def main():
@@ -39,20 +39,15 @@ def main():
         check_conv_packed(rng, Precision.parse("u2"), Precision.parse("s2"), (2, 9, 11, 40), 40, 3, 1, 1,
                           Precision.parse("u2"), pool=pool)
     check_pooling_and_add(rng, (2, 6, 7, 40), Precision.parse("u2"), 1)
-    # Byte packing: the int8 mma, the byte packers (rows; image quantize + field gather), a byte conv with
-    # the fused epilogue storing whole rows' sums.
+    # Byte packing: the int8 mma, the byte packers (rows; an image's pixels), a byte conv with the fused
+    # epilogue storing whole rows' sums, and a stem reading the image's bytes one word a tap (several tiles
+    # and the image's borders: each 4-byte copy in or zero-filled).
     check_apmm(rng, Precision.parse("s8"), Precision.parse("u8"), 130, 70, 1100, packing="bytes")
     check_pack(rng, 37, 300, Precision.parse("u8"), zero_point=3, packing="bytes")
     check_conv_packed(rng, Precision.parse("s8"), Precision.parse("s8"), (2, 6, 5, 147), 64, 1, 1, 0,
                       Precision.parse("u2"), packing="bytes")
-    from apnumba import reference as R
-    from apnumba.packed import PackedTensor
-    from apnumba.precision import quantize
-
-    x = rng.standard_normal((2, 3, 20, 18)).astype(np.float32)
-    t = PackedTensor.from_patches(x, 7, 2, 3, "s8", scale=0.05, packing="bytes")
-    expect = quantize(R.patches(x.transpose(0, 2, 3, 1).copy(), 7, 7, 2, 3), "s8", 0.05)
-    assert (t.words_host() == R.pack(expect, "s8", "bytes")).all() and (t.rowsum_host() == R.row_sums(expect)).all()
+    check_image_conv(rng, (2, 20, 18, 3), 64, 7, 2, 3)
+    check_image_conv(rng, (1, 13, 12, 3), 32, 11, 4, 2, "u8", 5, layout="NHWC")
     print("all sanitizer cases match the reference")
 
 

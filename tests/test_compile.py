@@ -7,6 +7,7 @@
 """
 
 import itertools
+import re
 
 import pytest
 
@@ -97,22 +98,17 @@ def test_pack_bytes_kernels(cc):
             pack.pack_rows_bytes_kernel(bits, enc, segment).py_func,
             "void(float32[::1], int32, int32, int32, float32[::1], int32, int32, uint32[::1], int32, int32[::1])", cc,
         )
-        image = sass.compile_kernel(
-            pack.quantize_image_bytes_kernel(bits, enc).py_func,
-            "void(float16[::1], int32[::1], int32[::1], int32, float32[::1], int32, uint8[::1])", cc,
+        pixels = sass.compile_kernel(
+            pack.quantize_pixels_bytes_kernel(bits, enc).py_func,
+            "void(float16[::1], int32[::1], int32[::1], float32[::1], int32, uint32[::1], int32, int32[::1])", cc,
         )
-        gather = sass.compile_kernel(
-            pack.gather_patches_bytes_kernel(enc != pack.ENC_UNSIGNED, segment, {1: 1, 8: 1, 32: 3}[segment]).py_func,
-            "void(uint8[::1], int32[::1], int32, uint32[::1], int32, int32[::1])", cc,
-        )
-        for c in (rows, image, gather):
+        for c in (rows, pixels):
             check_clean(c, bmma=None, calls_ok=True)
             assert "vote.sync" not in c.ptx  # no ballots: a code is a byte
-        if enc != pack.ENC_BINARY:  # (a +-1 code needs only the sign: no division, no rounding)
-            assert all("div.rn.f32" in c.ptx and "cvt.rni.f32.f32" in c.ptx for c in (rows, image))
-        assert "div.rn.f32" not in gather.ptx and "cvt.rn" not in gather.ptx  # the gather only moves bytes
-        for c in (rows, gather):  # the segment's butterfly
-            assert c.ptx.count("shfl.sync.idx.b32") >= segment.bit_length() - 1
+            if enc != pack.ENC_BINARY:  # (a +-1 code needs only the sign: no division, no rounding)
+                assert "div.rn.f32" in c.ptx and "cvt.rni.f32.f32" in c.ptx
+        assert rows.ptx.count("shfl.sync.idx.b32") >= segment.bit_length() - 1  # the segment's butterfly
+        assert "shfl.sync" not in pixels.ptx and "atom." not in pixels.ptx  # a pixel a thread: its sum stored once
 
 
 # Byte-packed operands: one int8 m16n8k32 per 32 bytes (IMMA), on both architectures, APMM and APConv.
@@ -127,15 +123,20 @@ def test_apmm_int8(cc, mma):
 
 
 @pytest.mark.parametrize("out", ["pack", "pack_max", "f32"])
-def test_apconv_int8_first_layer(out):
-    """VGG's first layer as the network runs it: 27 bytes per pixel, one k-step, the fused epilogue."""
+@pytest.mark.parametrize("mma", ["s8.s8", "b1"])
+def test_apconv_word_taps_sm90(out, mma):
+    """A first layer as the network runs it: ResNet-18's 7x7/2 stem on an RGB image's bytes (one word a
+    tap: four 4-byte cp.async a 16-byte chunk of K), the fused epilogue; and the same on bit planes
+    (<= 32 channels a tap).  The weights' chunks stay 16-byte copies."""
     from apnumba.conv import _signature as conv_signature, conv_config
     from apnumba.kernels.apmm import apconv_kernel
 
-    cfg = conv_config(1, 1, 96, 8 * 224 * 224, 256, packed=out.startswith("pack"))
+    cfg = conv_config(1, 1, 64, 8 * 112 * 112, 56 * 32, packed=out.startswith("pack"))
     epilogue = (2, 0, 0, 0, True) if out.startswith("pack") else None
-    c = sass.compile_kernel(apconv_kernel(1, 1, cfg, out, "s8.s8", epilogue).py_func, conv_signature(out), (9, 0))
-    check_clean(c, bmma="IMMA.16832.S8.S8", count=cfg.mma_per_step(1, 1))
+    c = sass.compile_kernel(apconv_kernel(1, 1, cfg, out, mma, epilogue, word_taps=True).py_func, conv_signature(out), (9, 0))
+    check_clean(c, bmma="IMMA.16832.S8.S8" if mma != "b1" else "BMMA.168256.AND.POPC", count=cfg.mma_per_step(1, 1))
+    assert re.search(r"cp\.async\.ca\.shared\.global \[%r\d+\], \[%rd\d+\], 4, %r\d+;", c.ptx)
+    assert re.search(r"cp\.async\.cg\.shared\.global \[%r\d+\], \[%rd\d+\], 16, %r\d+;", c.ptx)
     with pytest.raises(ValueError, match="int8 operands are one plane"):
         apconv_kernel(2, 1, cfg, out, "s8.s8", epilogue)
 

@@ -15,7 +15,8 @@ from apnumba.precision import Precision, quantize
 from apnumba.tuning import candidates, default_config
 from tests.conftest import requires_gpu
 from tests.helpers import (
-    check_apmm, check_conv, check_conv_packed, check_network, check_pack, check_pooling_and_add, check_tiles, precisions,
+    check_apmm, check_conv, check_conv_packed, check_image_conv, check_network, check_pack, check_pooling_and_add, check_tiles,
+    precisions,
 )
 
 pytestmark = requires_gpu
@@ -129,17 +130,16 @@ def test_pack_bytes_at_scale(rng, prec):
 
 
 @pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
-def test_first_layer_bytes_at_scale(rng, layout):
-    """A ResNet stem's receptive fields packed as bytes, then its 1x1 conv with the fused epilogue and pool."""
-    x = rng.standard_normal((2, 48, 40, 3)).astype(np.float32)
-    arg = x.transpose(0, 3, 1, 2).copy() if layout == "NCHW" else x
-    t = PackedTensor.from_patches(arg, 7, 2, 3, "s8", scale=0.02, layout=layout, packing="bytes")
-    expect = quantize(R.patches(x, 7, 7, 2, 3), "s8", 0.02)
-    assert t.image == (2, 24, 20) and t.shape == (2 * 24 * 20, 147)
-    assert (t.words_host() == R.pack(expect, "s8", "bytes")).all() and (t.rowsum_host() == R.row_sums(expect)).all()
-    for pool in (None, "max"):
-        check_conv_packed(rng, Precision.parse("s8"), Precision.parse("s8"), (2, 24, 20, 147), 64, 1, 1, 0,
-                          Precision.parse("u2"), pool=pool, packing="bytes")
+def test_image_conv_at_scale(rng, layout):
+    """The first layers as networks run them: the image's bytes (one word a pixel) read directly by the
+    convolution, one word a tap - ResNet-18's 7x7/2 stem, AlexNet's 11x11/4, VGG's 3x3 - and 6 channels
+    (padded pixels); several tiles; a zero point."""
+    for image, K, k, stride, padding, px, zx, cfg in (
+            ((2, 224, 224, 3), 64, 7, 2, 3, "s8", 0, None), ((3, 227, 225, 3), 64, 11, 4, 2, "s8", 0, None),
+            ((2, 64, 70, 3), 96, 3, 1, 1, "u8", 9, None), ((2, 40, 33, 6), 32, 5, 2, 2, "s8", 0, None),
+            ((2, 30, 31, 3), 64, 7, 2, 3, "s8", 0, TileConfig(1, 1, 1, 2, 4, 0, 2, 4)),
+            ((2, 30, 31, 3), 64, 7, 2, 3, "s8", 0, TileConfig(2, 2, 2, 4, 3))):
+        check_image_conv(rng, image, K, k, stride, padding, px, zx, layout=layout, config=cfg)
 
 
 def test_apconv_bytes_geometries(rng):

@@ -64,6 +64,7 @@ from .packed_ops import encode_code, lane_code, store_word_at
 from .ptx import (
     SIMULATOR,
     cp_async_16,
+    cp_async_4,
     cp_async_commit,
     cp_async_wait,
     divmod_u32,
@@ -194,11 +195,13 @@ OUT_KINDS = ("i32", "f32", "pack", "pack_max", "pack_avg")
 
 
 @functools.lru_cache(maxsize=None)
-def apconv_kernel(p, q, config, out, mma="b1", epilogue=None):
+def apconv_kernel(p, q, config, out, mma="b1", epilogue=None, word_taps=False):
     """The APConv kernel: the same pipeline with B gathered from NHWC activations (an implicit GEMM).
 
     M = output channels, N = output pixels (n, oh, ow), K = R * S taps x ``reference.conv_tap_words(C)``
     words (for at most 128 channels of bit planes, two taps a k-step), padded to whole k-steps.
+    ``word_taps``: the taps are one word each (channels that fit a word: an image's bytes), so a
+    16-byte chunk of K holds four taps, each from its own input pixel - four 4-byte copies.
     out: "i32", "f32" (scale, bias), or "pack" (the fused epilogue: affine, residual, ReLU,
     requantize and pack the next layer's NHWC input; block_m must be a multiple of 32), or
     "pack_max" / "pack_avg": the same with a 2x2 stride-2 pooling before the requantize (no residual).
@@ -221,10 +224,10 @@ def apconv_kernel(p, q, config, out, mma="b1", epilogue=None):
                          f"[, threshold levels]), got {epilogue!r}")
     if len(epilogue or ()) == 6 and epilogue[5] and (epilogue[2] or out != "pack"):
         raise ValueError(f"epilogue: thresholds replace the float epilogue only without a residual or pooling, got {epilogue!r}")
-    return _build(p, q, config, out, conv=True, mma=mma, epilogue=epilogue)
+    return _build(p, q, config, out, conv=True, mma=mma, epilogue=epilogue, word_taps=word_taps)
 
 
-def _build(p, q, config, out, conv, mma, epilogue=None):
+def _build(p, q, config, out, conv, mma, epilogue=None, word_taps=False):
     PG = config.group(p)
     PASSES = config.passes(p)
     Q = q
@@ -264,6 +267,7 @@ def _build(p, q, config, out, conv, mma, epilogue=None):
     LEVEL_COLS = LEVELS + 1  # a channel's sign and thresholds
     RES_ARRAY_PLANES = max(RES_BITS, 1)  # (a local array needs a size even without a residual)
     RASTER, STREAM_OUT = config.raster, config.stream_out
+    WORD_TAPS = word_taps  # a tap is one word: a chunk of K is four taps (conv only)
     COLS4 = BN // 4  # 4-column groups of the output tile
     FIXED_COLUMNS = THREADS % COLS4 == 0  # every thread keeps the same column group in the epilogue
     # One product per plane pair and k-step: b1 AND + popc over 256 bits, or int8 over 32 bytes
@@ -614,7 +618,8 @@ def _build(p, q, config, out, conv, mma, epilogue=None):
 
     @cuda.jit(device=True, inline="always")
     def inside(ih, iw, H, W):
-        return ih >= 0 and ih < H and iw >= 0 and iw < W
+        """Input pixel (ih, iw) is in the image (one unsigned compare a side: negatives wrap past it)."""
+        return uint32(ih) < uint32(H) and uint32(iw) < uint32(W)
 
     @cuda.jit(device=True, inline="always")
     def border_tap_sum(tap_sums, m, ih0, iw0, H, W, R, S):
@@ -681,6 +686,29 @@ def _build(p, q, config, out, conv, mma, epilogue=None):
         """Channel mc's sign and thresholds into dst[row] (registers, where the loops over rows unroll)."""
         for k in range(LEVEL_COLS):
             dst[row, k] = thresholds[mc * LEVEL_COLS + k]
+
+    @cuda.jit(device=True, inline="always")
+    def load_word_taps(smem, base, b_words, b_dst, b_pixel, b_ih0, b_iw0, word_r, word_s, step_live, H, W, cwords):
+        """This thread's B chunks of a stage when a tap is one word: four taps a chunk, each a 4-byte
+        copy from its own input pixel (zero-filled outside the image)."""
+        for i in range(4):
+            at = int32(int32(word_r[i] * W + word_s[i]) * cwords)
+            for c in range(B_COPIES):
+                if b_dst[c] >= 0:
+                    ih = int32(b_ih0[c] + word_r[i])
+                    iw = int32(b_iw0[c] + word_s[i])
+                    live = step_live and inside(ih, iw, H, W)
+                    src = int32(b_pixel[c] * cwords + at)
+                    cp_async_4(smem, int32(base + b_dst[c] + i), b_words, src if live else int32(0), 4 if live else 0)
+
+    @cuda.jit(device=True, inline="always")
+    def advance_word_taps(word_r, word_s, stage_r, stage_s, S):
+        """The four taps ROW_WORDS taps on (the next k-tile): stage_r rows and stage_s columns, carried."""
+        for i in range(4):
+            s_ = int32(word_s[i] + stage_s)
+            carry = s_ >= S
+            word_s[i] = int32(s_ - S) if carry else s_
+            word_r[i] = int32(word_r[i] + stage_r + (1 if carry else 0))
 
     def apconv(a_words, b_words, M, N, kwords, geometry, coef_w, coef_x, ex, ew, c_k,
                sum_w, tap_sums, sum_x, scale, bias, y, y_rowsum, epi, res_words, res_scale, thresholds):
@@ -749,6 +777,11 @@ def _build(p, q, config, out, conv, mma, epilogue=None):
             b_ih0[c] = ih0 if n < N else -(1 << 24)  # rows past N never fall inside
             b_iw0[c] = iw0
 
+        word_r = cuda.local.array(4, int32)  # word taps: the chunk's four taps
+        word_s = cuda.local.array(4, int32)
+        stage_r, stage_s = divmod_u32(ROW_WORDS, S)  # a stage's taps, as filter rows and columns
+        stage_r, stage_s = int32(stage_r), int32(stage_s)
+
         lanes = ldmatrix_lanes(warp_m, warp_n, lane)
         acc = cuda.local.array((PG, Q, MT, NT, 4), int32)
         a_frag = cuda.local.array((PG, MT, 4), int32)
@@ -765,6 +798,10 @@ def _build(p, q, config, out, conv, mma, epilogue=None):
             tap, c_word = divmod_u32(4 * chunk, tap_words)  # this thread's chunk: its tap, its word in the tap
             tap_r, tap_s = divmod_u32(tap, S)
             tap_r, tap_s, c_word = int32(tap_r), int32(tap_s), int32(c_word)
+            if WORD_TAPS:  # the chunk's four taps (r, s), each advanced by a stage's ROW_WORDS taps per k-tile
+                for i in range(4):
+                    r, s_ = divmod_u32(4 * chunk + i, S)
+                    word_r[i], word_s[i] = int32(r), int32(s_)
 
             load_slot = int32(0)  # the ring stage k-tile kt goes to, and the one k-tile kt - (STAGES - 1) is in
             compute_slot = int32(0)
@@ -781,21 +818,26 @@ def _build(p, q, config, out, conv, mma, epilogue=None):
                     step0 = int32(kt * STEPS)
                     copy_a(smem, base, step0, k_steps, a_words, a_pass, a_src, a_dst, a_step, a_bytes)
                     step_live = int32(step0 + step) < k_steps
-                    tap_at = int32(int32(tap_r * W + tap_s) * cwords + c_word)
-                    for c in range(B_COPIES):
-                        if b_dst[c] >= 0:
-                            ih = int32(b_ih0[c] + tap_r)
-                            iw = int32(b_iw0[c] + tap_s)
-                            live = step_live and uint32(ih) < uint32(H) and uint32(iw) < uint32(W)
-                            src = int32(b_pixel[c] * cwords + tap_at)
-                            cp_async_16(smem, int32(base + b_dst[c]), b_words, src if live else int32(0), 16 if live else 0)
-                    c_word = int32(c_word + ROW_WORDS)  # advance this thread's chunk by one stage
-                    while c_word >= tap_words:  # (past the last tap: weights are zero there, any pixel will do)
-                        c_word = int32(c_word - tap_words)
-                        tap_s = int32(tap_s + 1)
-                        if tap_s == S:
-                            tap_s = int32(0)
-                            tap_r = int32(tap_r + 1)
+                    if WORD_TAPS:
+                        load_word_taps(smem, base, b_words, b_dst, b_pixel, b_ih0, b_iw0, word_r, word_s, step_live,
+                                       H, W, cwords)
+                        advance_word_taps(word_r, word_s, stage_r, stage_s, S)
+                    else:
+                        tap_at = int32(int32(tap_r * W + tap_s) * cwords + c_word)
+                        for c in range(B_COPIES):
+                            if b_dst[c] >= 0:
+                                ih = int32(b_ih0[c] + tap_r)
+                                iw = int32(b_iw0[c] + tap_s)
+                                live = step_live and inside(ih, iw, H, W)
+                                src = int32(b_pixel[c] * cwords + tap_at)
+                                cp_async_16(smem, int32(base + b_dst[c]), b_words, src if live else int32(0), 16 if live else 0)
+                        c_word = int32(c_word + ROW_WORDS)  # advance this thread's chunk by one stage
+                        while c_word >= tap_words:  # (past the last tap: weights are zero there, any pixel will do)
+                            c_word = int32(c_word - tap_words)
+                            tap_s = int32(tap_s + 1)
+                            if tap_s == S:
+                                tap_s = int32(0)
+                                tap_r = int32(tap_r + 1)
                 cp_async_commit()
                 if ct >= 0:
                     compute_stage(smem, int32(compute_slot * STAGE_WORDS), warp_k, lanes, acc, a_frag, b_frag)
@@ -807,16 +849,18 @@ def _build(p, q, config, out, conv, mma, epilogue=None):
         for cc in range(tid, BN, THREADS):
             n = n0 + cc
             img, oh, ow = output_pixel(min(n, N - 1), OH, OW)
-            ih0 = oh * stride - pad
-            iw0 = ow * stride - pad
-            taps = int32(0)
+            ih0 = int32(oh * stride - pad)
+            iw0 = int32(ow * stride - pad)
+            # The taps inside the image: filter rows [r_lo, r_hi) x columns [s_lo, s_hi) (counted, not
+            # walked: an 11x11 stem has 121 taps).
+            r_lo, r_hi = int32(max(-ih0, 0)), int32(min(H - ih0, R))
+            s_lo, s_hi = int32(max(-iw0, 0)), int32(min(W - iw0, S))
+            taps = int32(max(r_hi - r_lo, 0) * max(s_hi - s_lo, 0))
             sx = int32(0)
-            for r in range(R):
-                for s in range(S):
-                    if inside(ih0 + r, iw0 + s, H, W):
-                        taps += 1
-                        if ew != 0:
-                            sx += sum_x[img * H * W + (ih0 + r) * W + iw0 + s]
+            if ew != 0:
+                for r in range(r_lo, r_hi):
+                    for s in range(s_lo, s_hi):
+                        sx += sum_x[int32(int32(img * H + ih0 + r) * W + iw0 + s)]
             st_shared(smem, COL_BASE + cc, taps * C)
             st_shared(smem, COL_BASE + BN + cc, sx)
             st_shared(smem, COL_BASE + 2 * BN + cc, ih0)
@@ -910,17 +954,17 @@ def _build(p, q, config, out, conv, mma, epilogue=None):
                             valid = ch_valid[wi] != 0
                             if LEVELS:  # integer comparisons: affine, ReLU and quantizer in one
                                 v = conv_sum(smem, cc, wi, lane, col, border, ex, ch_sum_w[wi], ch_m[wi], tap_sums, H, W, R, S)
-                                pattern = encode_code(level_code(v, ch_levels, wi, lo), OUT_BITS, OUT_ENC) if valid else 0
-                                total += store_word_at(y, int32(out_at + wi), out_plane, OUT_BITS, OUT_ENC, lane, pattern, valid)
-                                continue
-                            t = conv_value(smem, cc, wi, lane, col, border, ex, ch_sum_w[wi], ch_m[wi], ch_scale[wi],
-                                           ch_bias[wi], tap_sums, H, W, R, S)
-                            if RES_BITS > 0:
-                                rc = lane_code(res_planes, wi, RES_BITS, RES_ENC, lane)
-                                t = f32_add_rn(t, f32_mul_rn(float32(rc - res_zp), res_scale))
-                            if relu != 0 and not t > 0:
-                                t = float32(0)
-                            pattern = quantize_scaled(t, out_zp, lo, hi, OUT_BITS, OUT_ENC) if valid else 0  # scale 1
+                                pattern = encode_code(level_code(v, ch_levels, wi, lo), OUT_BITS, OUT_ENC)
+                            else:
+                                t = conv_value(smem, cc, wi, lane, col, border, ex, ch_sum_w[wi], ch_m[wi], ch_scale[wi],
+                                               ch_bias[wi], tap_sums, H, W, R, S)
+                                if RES_BITS > 0:
+                                    rc = lane_code(res_planes, wi, RES_BITS, RES_ENC, lane)
+                                    t = f32_add_rn(t, f32_mul_rn(float32(rc - res_zp), res_scale))
+                                if relu != 0 and not t > 0:
+                                    t = float32(0)
+                                pattern = quantize_scaled(t, out_zp, lo, hi, OUT_BITS, OUT_ENC)  # scale 1
+                            pattern = pattern if valid else 0
                             total += store_word_at(y, int32(out_at + wi), out_plane, OUT_BITS, OUT_ENC, lane, pattern, valid)
                     if lane == 0:
                         if WHOLE_ROWS:

@@ -20,7 +20,7 @@ The quantizer arithmetic is the reference's, operation for operation
 
 import functools
 
-from numba import cuda, float32, int8, int32, int64, uint8, uint32
+from numba import cuda, float32, int32, int64, uint32
 
 from .ptx import ballot, divmod_u32, f32_div_rn, f32_rint, popc32, shfl_idx
 
@@ -249,111 +249,34 @@ def pack_rows_bytes_kernel(bits, encoding, segment):
 
 
 @functools.lru_cache(maxsize=None)
-def quantize_image_bytes_kernel(bits, encoding):
-    """Step 1 of a byte-packed first layer: float images -> one code byte per value, NHWC.  Each input
-    value is quantized once here, not once per receptive field it falls in (49/4 times for a 7x7
-    stride-2 stem).  One thread per value, in the input's own memory order (``channels_last`` 0: NCHW,
-    1: NHWC), so the reads coalesce; grid ceil(N*H*W*C / 256).  strides: the input's, by (n, h, w, c)."""
+def quantize_pixels_bytes_kernel(bits, encoding):
+    """A byte-packed first layer's input, read by the convolution directly: float images -> each
+    pixel's C codes as bytes, ``kwords`` words a pixel (1 for an image of <= 4 channels), and the
+    pixel's code sum.  One thread per pixel (consecutive threads, consecutive pixels: the reads
+    coalesce in NCHW and NHWC alike), so each value is quantized once.  geometry: [N, H, W, C];
+    strides: the input's, by (n, h, w, c); the words past C stay as allocated (zero)."""
 
     @cuda.jit
-    def kernel(x, geometry, strides, channels_last, scale, zero_point, codes):
-        i = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
+    def kernel(x, geometry, strides, scale, zero_point, words, kwords, rowsum):
+        pixel = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
         N, H, W, C = geometry[0], geometry[1], geometry[2], geometry[3]
-        if i >= N * H * W * C:
+        if pixel >= N * H * W:
             return
-        if channels_last:
-            pixel, c = divmod_u32(i, C)
-            img, hw = divmod_u32(pixel, H * W)
-        else:
-            plane, hw = divmod_u32(i, H * W)
-            img, c = divmod_u32(plane, C)
+        img, hw = divmod_u32(pixel, H * W)
         h, w = divmod_u32(hw, W)
-        v = float32(x[img * strides[0] + h * strides[1] + w * strides[2] + c * strides[3]])
+        at = int64(img) * strides[0] + int64(h) * strides[1] + int64(w) * strides[2]
+        s = float32(scale[0])
         lo, hi = code_range(bits, encoding)
-        code = quantize_code(f32_div_rn(v, float32(scale[0])), zero_point, lo, hi, encoding)
-        codes[(img * H * W + hw) * C + c] = uint8(code & 0xFF)
-
-    return kernel
-
-
-def gather_words_per_lane(features, segment):
-    """Words of a receptive field of ``features`` bytes that each lane of a ``segment`` packs."""
-    words = -(-features // 4)
-    return -(-words // segment)
-
-
-@functools.lru_cache(maxsize=None)
-def gather_patches_bytes_kernel(signed, segment, words_per_lane):
-    """Step 2: each output pixel's receptive field from the NHWC code bytes, as one byte-packed row.
-
-    Row = output pixel (n, oh, ow); k = (r * S + s) * C + c: feature k sits at byte r * W * C + s * C + c
-    from the field's corner, the same for every pixel.  So a lane works out the offsets of its
-    features once (``words_per_lane`` words of 4 bytes; lane j of a segment takes words j, j + segment,
-    ...) and then walks many pixels (a grid-stride loop): a field inside the image costs a load per
-    byte; at the border, bytes outside are ``pad_code`` (the code of 0.0); past the features, zero.
-    ``segment`` lanes share a row, 32 / segment rows a warp; the segment adds its bytes' values into
-    the row sum by shuffles.  geometry: [N, H, W, C, R, S, stride, padding, OH, OW].
-
-    (Measured on the H100, ResNet-18's stem at batch 256: 1.7 ms.  Two alternatives were slower: one
-    warp per pixel with a byte per lane and words assembled by shuffles, 1.75 ms; the same with every
-    load unconditional, 2.3 ms.  ncu: instruction bound, ~74% SM throughput.)"""
-    ROWS_PER_WARP = 32 // segment
-    BYTES = 4 * words_per_lane
-    segment_sum = _segment_sum(segment)
-
-    @cuda.jit
-    def kernel(codes, geometry, pad_code, words, kwords, rowsum):
-        lane = cuda.threadIdx.x & 31
-        first = lane % segment
-        N, H, W, C = geometry[0], geometry[1], geometry[2], geometry[3]
-        R, S, stride, pad, OH, OW = geometry[4], geometry[5], geometry[6], geometry[7], geometry[8], geometry[9]
-        SC = S * C
-        features = R * SC
-        fwords = (features + 3) // 4
-        # This lane's bytes: filter row r (R: past the features), byte j of that row, offset from the corner.
-        tap_r = cuda.local.array(BYTES, int32)
-        tap_j = cuda.local.array(BYTES, int32)
-        offset = cuda.local.array(BYTES, int32)
-        for i in range(BYTES):
-            k = (first + (i >> 2) * segment) * 4 + (i & 3)
-            r, j = divmod_u32(min(k, features), SC)
-            tap_r[i] = r if k < features else R
-            tap_j[i] = j
-            offset[i] = r * W * C + j
-        rows = N * OH * OW
-        warps = cuda.gridDim.x * WARPS_PER_BLOCK
-        for row0 in range((cuda.blockIdx.x * WARPS_PER_BLOCK + (cuda.threadIdx.x >> 5)) * ROWS_PER_WARP, rows,
-                          warps * ROWS_PER_WARP):  # the same trip count for the whole warp: shuffles stay whole
-            row = row0 + lane // segment
-            live = row < rows
-            row = min(row, rows - 1)
-            img, rest = divmod_u32(row, OH * OW)
-            oh, ow = divmod_u32(rest, OW)
-            ih0 = int32(oh) * stride - pad
-            iw0 = int32(ow) * stride - pad
-            corner = ((int64(img) * H + ih0) * W + iw0) * C
-            interior = ih0 >= 0 and ih0 + R <= H and iw0 >= 0 and iw0 + S <= W
-            j_lo = max(-iw0, 0) * C  # bytes of a filter row inside the image: [j_lo, j_hi)
-            j_hi = min(W - iw0, S) * C
-            total = int32(0)
-            for wl in range(words_per_lane):
-                packed = uint32(0)
-                for b in range(4):
-                    i = 4 * wl + b
-                    r = tap_r[i]
-                    if r >= R:
-                        byte = uint8(0)
-                    elif interior or (ih0 + r >= 0 and ih0 + r < H and tap_j[i] >= j_lo and tap_j[i] < j_hi):
-                        byte = codes[corner + offset[i]]
-                    else:
-                        byte = uint8(pad_code)
-                    packed |= uint32(byte) << (8 * b)
-                    total += int32(int8(byte)) if signed else int32(byte)
-                word = first + wl * segment
-                if live and word < fwords:
-                    words[row * kwords + word] = packed
-            total = segment_sum(total, lane)
-            if live and first == 0:
-                rowsum[row] = total
+        total = int32(0)
+        for word in range((C + 3) // 4):
+            packed = uint32(0)
+            for b in range(4):
+                c = 4 * word + b
+                if c < C:
+                    code = quantize_code(f32_div_rn(float32(x[at + c * strides[3]]), s), zero_point, lo, hi, encoding)
+                    packed |= uint32(code & 0xFF) << (8 * b)
+                    total += code
+            words[int64(pixel) * kwords + word] = packed
+        rowsum[pixel] = total
 
     return kernel

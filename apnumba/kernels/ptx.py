@@ -61,6 +61,7 @@ __all__ = [
     "st_global_cs_v4",
     "SHARED_ALIGN",
     "cp_async_16",
+    "cp_async_4",
     "cp_async_commit",
     "cp_async_wait",
     "ballot",
@@ -93,6 +94,7 @@ if SIMULATOR:
         st_global_v4,
         st_global_cs_v4,
         cp_async_16,
+        cp_async_4,
         cp_async_commit,
         cp_async_wait,
         ballot,
@@ -355,30 +357,32 @@ else:
     ldmatrix_x2 = intrinsic(_ldmatrix(2))
     ldmatrix_x2.__doc__ = "Two 8x8 b16 matrices (``.x2``): lanes 0..15 give the row addresses."
 
-    @intrinsic
-    def cp_async_16(typingctx, smem, smem_index, gmem, gmem_index, src_bytes):
-        """Copy 16 bytes global -> shared without registers (``cp.async.cg``, L2 only).
+    def _cp_async(nbytes, cache):
+        """A global -> shared copy of ``nbytes`` without registers (``cp.async.{cache}``); only
+        ``src_bytes`` (0 or nbytes) are read, the rest is zero-filled - how ragged tile edges and
+        image borders become zeros without a branch."""
 
-        Only ``src_bytes`` (0 or 16) are read; the rest of the 16 bytes is zero-filled,
-        which is how ragged tile edges become zeros without a branch.
-        """
-        sig = types.void(smem, smem_index, gmem, gmem_index, src_bytes)
+        def typer(typingctx, smem, smem_index, gmem, gmem_index, src_bytes):
+            sig = types.void(smem, smem_index, gmem, gmem_index, src_bytes)
 
-        def codegen(context, builder, sig, args):
-            saddr = _shared_address(context, builder, sig.args[0], args[0], args[1], sig.args[1])
-            gptr = _element_pointer(context, builder, sig.args[2], args[2], args[3], sig.args[3])
-            nbytes = context.cast(builder, args[4], sig.args[4], types.int32)
-            fnty = ir.FunctionType(ir.VoidType(), [_i32, ir.IntType(64), _i32])
-            asm = ir.InlineAsm(
-                fnty,
-                "cp.async.cg.shared.global [$0], [$1], 16, $2;",
-                "r,l,r,~{memory}",
-                side_effect=True,
-            )
-            builder.call(asm, [saddr, _global_address(builder, gptr), nbytes])
-            return context.get_dummy_value()
+            def codegen(context, builder, sig, args):
+                saddr = _shared_address(context, builder, sig.args[0], args[0], args[1], sig.args[1])
+                gptr = _element_pointer(context, builder, sig.args[2], args[2], args[3], sig.args[3])
+                size = context.cast(builder, args[4], sig.args[4], types.int32)
+                fnty = ir.FunctionType(ir.VoidType(), [_i32, ir.IntType(64), _i32])
+                asm = ir.InlineAsm(fnty, f"cp.async.{cache}.shared.global [$0], [$1], {nbytes}, $2;",
+                                   "r,l,r,~{memory}", side_effect=True)
+                builder.call(asm, [saddr, _global_address(builder, gptr), size])
+                return context.get_dummy_value()
 
-        return sig, codegen
+            return sig, codegen
+
+        return typer
+
+    cp_async_16 = intrinsic(_cp_async(16, "cg"))
+    cp_async_16.__doc__ = "Copy 16 bytes global -> shared (``cp.async.cg``: through L2 only); src_bytes 0 or 16."
+    cp_async_4 = intrinsic(_cp_async(4, "ca"))
+    cp_async_4.__doc__ = "Copy 4 bytes global -> shared (``cp.async.ca``: .cg takes 16 only); src_bytes 0 or 4."
 
     @intrinsic
     def cp_async_commit(typingctx):

@@ -186,6 +186,10 @@ def cp_async_16(smem, smem_index, gmem, gmem_index, src_bytes):
         smem[smem_index + i] = gmem[gmem_index + i] if 4 * i < src_bytes else 0
 
 
+def cp_async_4(smem, smem_index, gmem, gmem_index, src_bytes):
+    smem[smem_index] = gmem[gmem_index] if src_bytes else 0
+
+
 def cp_async_commit():
     pass
 

@@ -294,7 +294,7 @@ def compare(torch_model, model, x, layout="NCHW", tie_window=2e-5):
     for step_name, got in steps[:-1]:  # the last step's logits are compared below
         last = int(step_name.split("+")[-1].split(":")[0])
         torch_name = origin.get(last)
-        if torch_name is None or "Flatten" in step_name or "input pack" in step_name:
+        if torch_name is None or "Flatten" in step_name or "(input " in step_name:
             continue
         _, out = seen[torch_name]
         quantizer = next(n for n in reversed(names[: names.index(torch_name) + 1]) if isinstance(modules[n], qat.QuantAct))

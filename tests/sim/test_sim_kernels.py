@@ -7,7 +7,8 @@ from apnumba.kernels.apmm import TileConfig
 from apnumba.precision import Precision
 
 from tests.conftest import requires_simulator
-from tests.helpers import check_apmm, check_conv, check_conv_packed, check_pack, check_pooling_and_add, check_tiles
+from tests.helpers import (check_apmm, check_conv, check_conv_packed, check_image_conv, check_pack, check_pooling_and_add,
+                           check_tiles)
 
 pytestmark = requires_simulator
 
@@ -189,6 +190,39 @@ def test_unfused_requantize(rng):
     assert (out.words_host() == R.pack(expect, "u2")).all() and (out.rowsum_host() == R.row_sums(expect)).all()
 
 
+# A first layer on the image's bytes: compact RGB (word taps from one-word pixels, a 7x7/2 stem shape and
+# an 11x11/4 one), grey with a zero point, and 6 channels (padded pixels, 16-byte taps)
+IMAGE_CONVS = [((1, 9, 10, 3), 16, 7, 2, 3, "s8", 0, "NCHW", TileConfig(1, 1, 1, 2, 2)),
+               ((2, 12, 11, 3), 16, 11, 4, 2, "s8", 0, "NHWC", TileConfig(1, 1, 1, 1, 2, 0, 2, 2)),
+               ((1, 6, 5, 1), 32, 3, 1, 1, "u8", 7, "NCHW", TileConfig(2, 1, 1, 1, 2)),
+               ((1, 5, 6, 6), 16, 3, 2, 1, "s8", 0, "NHWC", TileConfig(1, 1, 1, 2, 2))]
+
+
+@pytest.mark.parametrize("image,K,k,stride,padding,px,zx,layout,cfg", IMAGE_CONVS,
+                         ids=[f"c{c[0][3]}-{c[2]}x{c[2]}s{c[3]}-{c[7]}" for c in IMAGE_CONVS])
+def test_image_conv(rng, image, K, k, stride, padding, px, zx, layout, cfg):
+    check_image_conv(rng, image, K, k, stride, padding, px, zx, layout=layout, config=cfg)
+
+
+def test_compact_image_is_a_conv_input_only(rng):
+    """One word a pixel is for convolutions: apmm (whole k-steps a row) refuses it; bits or > 4 bytes can't be compact."""
+    from numba import cuda
+
+    from apnumba import reference as R
+    from apnumba.matmul import apmm
+    from apnumba.packed import PackedTensor
+
+    x = PackedTensor.from_image(rng.standard_normal((1, 3, 4, 5)).astype(np.float32), "s8", 0.1)
+    assert x.compact and x.kwords == 1 and x.words.shape == (1, 20, 1) and "compact=True" in repr(x)
+    w = PackedTensor.from_codes(R.random_codes(rng, (8, 3), "s8"), "s8", packing="bytes")
+    with pytest.raises(ValueError, match="x: a compact PackedTensor"):
+        apmm(w, x)
+    for K, packing in ((5, "bytes"), (3, "bits")):
+        with pytest.raises(ValueError, match="compact: one word a row"):
+            PackedTensor(cuda.to_device(np.zeros((1, 2, 1), np.uint32)), cuda.to_device(np.zeros(2, np.int32)), (2, K), "s8",
+                         packing=packing, compact=True)
+
+
 @pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
 def test_first_layer_patches(rng, layout):
     """float images -> quantized receptive fields (the first layer's input), vs reference.patches + quantize."""
@@ -204,12 +238,8 @@ def test_first_layer_patches(rng, layout):
     expect = quantize(R.patches(x, 3, 3, 2, 1), "s8", 0.05)
     assert t.image == (2, 3, 3) and t.shape == (18, 27)
     assert (t.words_host() == R.pack(expect, "s8")).all() and (t.rowsum_host() == R.row_sums(expect)).all()
-    # Byte packing: the image quantized once, fields gathered; outside the image the code of 0.0 (zp, +1).
-    for prec, zp in (("s8", 0), ("u8", 7), ("b1", 0)):
-        b = PackedTensor.from_patches(arg, 3, 2, 1, prec, scale=0.05, zero_point=zp, layout=layout, packing="bytes")
-        expect = quantize(R.patches(x, 3, 3, 2, 1), prec, 0.05, zp)
-        assert b.packing == "bytes" and b.words.shape == (1, 18, 8)
-        assert (b.words_host() == R.pack(expect, prec, "bytes")).all() and (b.rowsum_host() == R.row_sums(expect)).all()
+    with pytest.raises(ValueError, match="from_image"):  # bytes read the image directly, no fields
+        PackedTensor.from_patches(arg, 3, 2, 1, "s8", layout=layout, packing="bytes")
 
 
 def test_two_bindings_of_one_kernel_keep_their_own_grids(rng):
