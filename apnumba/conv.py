@@ -133,7 +133,8 @@ def prepare_apconv(x, w, stride=1, padding=0, *, out=None, scale=None, bias=None
     - a PackedTensor (N*OH*OW rows, K channels): the fused epilogue writes the next layer's input -
       ``t = y * scale[k] + bias[k]``, plus ``(residual - zr) * residual_scale`` (a PackedTensor of the
       output's shape), ReLU if ``relu``, then ``out``'s quantizer with scale 1 (so fold the next layer's
-      scale into scale and bias) - exactly :func:`apnumba.reference.requantize`, then packed;
+      scale into scale and bias) - exactly :func:`apnumba.reference.requantize`, then packed as ``out``
+      is: bit planes, or code bytes (``packing="bytes"``: the input of an int8 next layer);
       with ``pool="max"`` or ``"avg"``, a 2x2 stride-2 pooling of the ReLU'd values comes before the
       quantizer (:func:`apnumba.reference.requantize_pool`; floor mode, no residual) and ``out`` has
       N * (OH // 2) * (OW // 2) rows.
@@ -172,7 +173,8 @@ def prepare_apconv(x, w, stride=1, padding=0, *, out=None, scale=None, bias=None
         if out.shape != (out_rows, K):
             raise ValueError(f"out: expected a PackedTensor of shape {(out_rows, K)}, got {out.shape}")
         kind = f"pack_{pool}" if pool else "pack"
-        out.require_bits("out", "the fused epilogue's pack")
+        if out.compact:
+            raise ValueError("out: a compact tensor (one word a pixel) is an image's input only; allocate a padded one")
         epi = [out.bits, out.precision.encoding.code, out.zero_point, int(bool(relu)), 0, 0, 0, out.kwords, 0]
         res_words = _dummy(np.uint32)
         if residual is not None:
@@ -207,7 +209,7 @@ def prepare_apconv(x, w, stride=1, padding=0, *, out=None, scale=None, bias=None
     levels, thresholds = 0, _dummy(np.int32)
     if packed and residual is None and pool != "avg":  # (max pooling: the window's largest sign * y decides)
         levels, thresholds = _thresholds(scale, bias, K, out, relu)
-    epilogue = (epi[0], epi[1], epi[4], epi[5], whole_rows, levels) if packed else None
+    epilogue = (epi[0], epi[1], epi[4], epi[5], whole_rows, levels, out.packing == "bytes") if packed else None
     bound = launcher(p, q, cfg, kind, mma, epilogue, w.tap_words == 1).bind(
         (-(-Npix // cfg.block_n), -(-M // cfg.block_m)), (cfg.threads,), stream,
         (w.words, x.words, M, Npix, w.kwords, _geometry((H, W, x.kwords, R, S, int(stride), int(padding), OH, OW, C, w.tap_words)),

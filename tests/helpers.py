@@ -139,9 +139,10 @@ def check_image_conv(rng, image, K, k, stride, padding, px="s8", zx=0, pw="s8", 
 
 
 def check_conv_packed(rng, px, pw, image, K, k, stride, padding, out_precision, relu=True, residual_precision=None,
-                      config=None, pool=None, packing="bits", signs=False, device_constants=False):
+                      config=None, pool=None, packing="bits", signs=False, device_constants=False, out_packing="bits"):
     """apconv with the fused epilogue (affine, residual, ReLU, requantize, pack) vs reference.requantize + pack.
 
+    out_packing "bytes": the output as code bytes (an int8 next layer's input).
     signs: half the channels' scales negative; device_constants: scale and bias given as device arrays
     (the kernel then runs the float32 epilogue; host ones without a residual give integer thresholds)."""
     from apnumba.conv import PackedConvWeight, apconv
@@ -163,7 +164,7 @@ def check_conv_packed(rng, px, pw, image, K, k, stride, padding, out_precision, 
         residual = PackedTensor.from_codes(res_codes, residual_precision)
     if pool:
         OH, OW = OH // 2, OW // 2
-    out = PackedTensor.empty((N * OH * OW, K), out_precision)
+    out = PackedTensor.empty((N * OH * OW, K), out_precision, packing=out_packing)
     apconv(PackedTensor.from_codes(x, px, packing=packing), PackedConvWeight.from_codes(w, pw, packing=packing),
            stride, padding, out=out,
            scale=cuda.to_device(scale) if device_constants else scale, bias=cuda.to_device(bias) if device_constants else bias,
@@ -173,8 +174,8 @@ def check_conv_packed(rng, px, pw, image, K, k, stride, padding, out_precision, 
     else:
         expect = R.requantize(exact.reshape(-1, K), scale, bias, out_precision, 0, relu, res_codes, 0, 0.5)
     got_words = out.words_host()
-    assert (got_words == R.pack(expect, out_precision)).all(), (
-        f"packed conv output differs: {np.argwhere(R.unpack(got_words, out_precision, K) != expect)[:4].tolist()}"
+    assert (got_words == R.pack(expect, out_precision, out_packing)).all(), (
+        f"packed conv output differs: {np.argwhere(R.unpack(got_words, out_precision, K, out_packing) != expect)[:4].tolist()}"
     )
     assert (out.rowsum_host() == R.row_sums(expect)).all()
     assert out.image == (N, OH, OW)

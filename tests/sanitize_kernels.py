@@ -46,6 +46,8 @@ def main():
     check_pack(rng, 37, 300, Precision.parse("u8"), zero_point=3, packing="bytes")
     check_conv_packed(rng, Precision.parse("s8"), Precision.parse("s8"), (2, 6, 5, 147), 64, 1, 1, 0,
                       Precision.parse("u2"), packing="bytes")
+    check_conv_packed(rng, Precision.parse("u2"), Precision.parse("b1"), (4, 1, 1, 600), 100, 1, 1, 0,
+                      Precision.parse("u8"), out_packing="bytes")  # code bytes for an int8 next layer
     check_image_conv(rng, (2, 20, 18, 3), 64, 7, 2, 3)
     check_image_conv(rng, (1, 13, 12, 3), 32, 11, 4, 2, "u8", 5, layout="NHWC")
     print("all sanitizer cases match the reference")

@@ -212,6 +212,21 @@ def test_apconv_wide_tile_epilogue_sm90(out, levels):
     assert (floats == 0) == (levels > 0), c.opcodes()
 
 
+@pytest.mark.parametrize("bits,levels", [(8, 0), (3, 7)], ids=["u8-float", "u3-thresholds"])
+def test_apconv_bytes_out_sm90(bits, levels):
+    """The fused epilogue writing code bytes for an int8 next layer (a hidden FC before an 8-bit last layer,
+    as a 1x1 conv): four lanes a word by two shuffles, a warp's code sum by five - no ballots, no local memory."""
+    from apnumba.conv import _signature as conv_signature
+    from apnumba.kernels.apmm import TileConfig, apconv_kernel
+
+    cfg = TileConfig(2, 2, 2, 2, 4)
+    epilogue = (bits, 0, 0, 0, True, levels, True)  # unsigned out, no residual, whole rows, bytes
+    c = sass.compile_kernel(apconv_kernel(1, 2, cfg, "pack", "b1", epilogue).py_func, conv_signature("pack"), (9, 0))
+    check_clean(c, count=cfg.mma_per_step(1, 2))
+    ops = c.opcodes()
+    assert "VOTE.ANY" not in ops and ops.get("SHFL.IDX", 0) >= 7 * cfg.block_m // 32, ops
+
+
 def _check_apconv(p, q, shape, out, cfg=None, levels=0):
     from apnumba.conv import _signature as conv_signature, conv_config
     from apnumba.kernels.apmm import apconv_kernel

@@ -213,6 +213,17 @@ def test_apconv_fused_epilogue(rng, out, residual):
                           residual_precision=residual and Precision.parse(residual))
 
 
+@pytest.mark.parametrize("out,pool,residual", [("u8", None, None), ("s8", "max", None), ("u3", None, "u2"), ("b1", None, None)])
+def test_apconv_fused_epilogue_bytes_out(rng, out, pool, residual):
+    """The epilogue writing code bytes for an int8 next layer: as the FC before an 8-bit last layer (1x1 over
+    4096 features, several m-blocks), a conv with pooling or a residual, +-1 codes."""
+    check_conv_packed(rng, Precision.parse("u2"), Precision.parse("b1"), (8, 1, 1, 4096), 1000, 1, 1, 0,
+                      Precision.parse(out), relu=out.startswith("u"), out_packing="bytes")
+    check_conv_packed(rng, Precision.parse("u2"), Precision.parse("b1"), (2, 14, 14, 64), 72, 3, 1, 1,
+                      Precision.parse(out), relu=out.startswith("u"), pool=pool, signs=True, out_packing="bytes",
+                      residual_precision=residual and Precision.parse(residual))
+
+
 @pytest.mark.parametrize("pool", ["max", "avg"])
 @pytest.mark.parametrize("out", ["u2", "s4", "b1"])
 def test_apconv_fused_pooling(rng, pool, out):

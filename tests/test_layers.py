@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from apnumba.layers import Act, BasicBlock, BatchNorm2d, Conv2d, Linear, MaxPool2d
+from apnumba.precision import Precision
 from apnumba.layers.models import MODELS, alexnet, resnet18, vgg_variant
 
 
@@ -187,6 +188,21 @@ def test_a_cpu_plan_runs_without_a_gpu_and_follows_the_float_model():
     assert np.abs(logits - twin).max() < 1e-5 * np.abs(twin).max(), (logits, twin)
     _, steps = net.reference(x, intermediates=True)
     assert [name for name, _ in steps] == [s.name for s in net.steps]
+
+
+def test_an_8bit_last_layer_reads_code_bytes():
+    """A product whose next layer runs cheaper on int8 (8-bit weights and inputs) packs its output as code
+    bytes; hidden layers stay bit planes; a last layer fed by a pool (ResNet) or at the hidden precision
+    (APNN-TC's convention) too."""
+    from apnumba.layers import Network
+
+    net = Network(alexnet("w1a2"), (1, 3, 224, 224), device="cpu")
+    assert [s.src.packing for s in net.steps if "Linear" in s.name] == ["bits", "bits", "bytes"]
+    assert net.describe()[-1][2] == "int8"
+    assert net.steps[-1].src.precision == Precision.parse("u8")
+    for model in (resnet18("w1a2"), alexnet("w1a2", apnn_convention=True)):
+        net = Network(model, (1, 3, 224, 224), device="cpu")
+        assert all(s.src.packing == "bits" for s in net.steps[2:]), [(s.name, s.src.packing) for s in net.steps]
 
 
 def test_a_cpu_plan_checks_like_a_gpu_plan():

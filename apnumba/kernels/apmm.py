@@ -59,7 +59,7 @@ import functools
 
 from numba import cuda, float32, int32, int64, uint32, uint64
 
-from .pack import ENC_BINARY, code_range, quantize_scaled
+from .pack import ENC_BINARY, code_range, quantize_code
 from .packed_ops import encode_code, lane_code, store_word_at
 from .ptx import (
     SIMULATOR,
@@ -78,6 +78,7 @@ from .ptx import (
     mma_m16n8k32_int8,
     st_global_cs_v4,
     st_global_v4,
+    shfl_idx,
     st_shared,
     st_shared_v2,
 )
@@ -219,10 +220,10 @@ def apconv_kernel(p, q, config, out, mma="b1", epilogue=None, word_taps=False):
         raise ValueError(f"out: expected one of {OUT_KINDS}, got {out!r}")
     if out.startswith("pack") and config.block_m % 32:
         raise ValueError(f"config: packing the output needs block_m a multiple of 32, got {config.block_m}")
-    if out.startswith("pack") and (epilogue is None or len(epilogue) not in (5, 6)):
+    if out.startswith("pack") and (epilogue is None or len(epilogue) not in (5, 6, 7)):
         raise ValueError("epilogue: a packed output needs (out_bits, out_encoding, res_bits, res_encoding, whole_rows"
-                         f"[, threshold levels]), got {epilogue!r}")
-    if len(epilogue or ()) == 6 and epilogue[5] and (epilogue[2] or out == "pack_avg"):
+                         f"[, threshold levels[, bytes out]]), got {epilogue!r}")
+    if len(epilogue or ()) > 5 and epilogue[5] and (epilogue[2] or out == "pack_avg"):
         raise ValueError(f"epilogue: thresholds replace the float epilogue only without a residual or average pooling, got {epilogue!r}")
     return _build(p, q, config, out, conv=True, mma=mma, epilogue=epilogue, word_taps=word_taps)
 
@@ -263,6 +264,8 @@ def _build(p, q, config, out, conv, mma, epilogue=None, word_taps=False):
     OUT_BITS, OUT_ENC, RES_BITS, RES_ENC, WHOLE_ROWS = (epilogue or (1, 0, 0, 0, False))[:5]
     # > 0: the requantize as that many integer comparisons per channel (reference.requantize_thresholds)
     LEVELS = epilogue[5] if epilogue is not None and len(epilogue) > 5 else 0
+    # The output as code bytes (an int8 next layer: 8 words per 32 channels) instead of bit planes.
+    OUT_BYTES = bool(epilogue[6]) if epilogue is not None and len(epilogue) > 6 else False
     LEVEL_STEP = 2 if OUT_ENC == ENC_BINARY else 1
     LEVEL_COLS = LEVELS + 1  # a channel's sign and thresholds
     RES_ARRAY_PLANES = max(RES_BITS, 1)  # (a local array needs a size even without a residual)
@@ -673,6 +676,23 @@ def _build(p, q, config, out, conv, mma, epilogue=None, word_taps=False):
         return f32_add_rn(f32_mul_rn(float32(v), ch_scale), ch_bias)
 
     @cuda.jit(device=True, inline="always")
+    def store_codes(y, row_at, wi, plane_words, lane, code, valid):
+        """The lanes' codes of tile word wi - 32 channels - into the output row starting at word ``row_at``:
+        bit planes by ballots, or (OUT_BYTES) 32 code bytes, four lanes a word; returns their code sum."""
+        if not OUT_BYTES:
+            pattern = encode_code(code, OUT_BITS, OUT_ENC) if valid else 0
+            return store_word_at(y, int32(row_at + wi), plane_words, OUT_BITS, OUT_ENC, lane, pattern, valid)
+        four = uint32(code & 0xFF) << (8 * (lane & 3)) if valid else uint32(0)
+        four |= uint32(shfl_idx(int32(four), lane ^ 1))
+        four |= uint32(shfl_idx(int32(four), lane ^ 2))
+        if (lane & 3) == 0:
+            y[uint64(row_at) + uint64(8 * wi + (lane >> 2))] = four
+        total = code if valid else 0
+        for k in range(5):
+            total += shfl_idx(total, lane ^ (16 >> k))
+        return total
+
+    @cuda.jit(device=True, inline="always")
     def level_count(signed_y, thresholds, row, lo):
         """The requantized code of a sum y by integer comparisons of ``signed_y = sign * y``, where
         thresholds[row] = [sign, T_1 .. T_LEVELS] (``reference.requantize_thresholds``)."""
@@ -913,7 +933,7 @@ def _build(p, q, config, out, conv, mma, epilogue=None, word_taps=False):
                 n = int32(n0 + (out_n << 2 if POOL else out_n))
                 if n < N:  # the same for the whole warp: the ballots stay convergent
                     row = int32(n >> 2) if POOL else n
-                    out_at = int32(row * out_cw + word0)
+                    out_at = int32(row * out_cw + (8 * word0 if OUT_BYTES else word0))  # the row's first word of the tile
                     total = int32(0)
                     if POOL:
                         # Each window is 4 consecutive tile rows.  Max pooling with thresholds: the code is
@@ -939,7 +959,6 @@ def _build(p, q, config, out, conv, mma, epilogue=None, word_taps=False):
                                 y2 = int32(sign * conv_sum(smem, cc + 2, wi, lane, col2, border2, ex, sw, mc, tap_sums, H, W, R, S))
                                 y3 = int32(sign * conv_sum(smem, cc + 3, wi, lane, col3, border3, ex, sw, mc, tap_sums, H, W, R, S))
                                 code = level_count(max(max(y0, y1), max(y2, y3)), word_levels, 0, lo)
-                                pattern = encode_code(code, OUT_BITS, OUT_ENC) if valid else 0
                             else:
                                 sc, bi = scale[mc], bias[mc]
                                 t0 = conv_value(smem, cc, wi, lane, col0, border0, ex, sw, mc, sc, bi, tap_sums, H, W, R, S)
@@ -955,8 +974,8 @@ def _build(p, q, config, out, conv, mma, epilogue=None, word_taps=False):
                                     t = max(max(t0, t1), max(t2, t3))
                                 else:  # (top pair + bottom pair) / 4, each sum rounded: the reference's order
                                     t = f32_mul_rn(f32_add_rn(f32_add_rn(t0, t1), f32_add_rn(t2, t3)), float32(0.25))
-                                pattern = quantize_scaled(t, out_zp, lo, hi, OUT_BITS, OUT_ENC) if valid else 0
-                            total += store_word_at(y, int32(out_at + wi), out_plane, OUT_BITS, OUT_ENC, lane, pattern, valid)
+                                code = quantize_code(t, out_zp, lo, hi, OUT_ENC)
+                            total += store_codes(y, out_at, wi, out_plane, lane, code, valid)
                     else:
                         cc = out_n
                         col, border = pixel_terms(smem, cc, c_k, ew, full)
@@ -973,8 +992,7 @@ def _build(p, q, config, out, conv, mma, epilogue=None, word_taps=False):
                             valid = ch_valid[wi] != 0
                             if LEVELS:  # integer comparisons: affine, ReLU and quantizer in one
                                 v = conv_sum(smem, cc, wi, lane, col, border, ex, ch_sum_w[wi], ch_m[wi], tap_sums, H, W, R, S)
-                                pattern = encode_code(level_count(int32(v * ch_levels[wi, 0]), ch_levels, wi, lo),
-                                                      OUT_BITS, OUT_ENC)
+                                code = level_count(int32(v * ch_levels[wi, 0]), ch_levels, wi, lo)
                             else:
                                 t = conv_value(smem, cc, wi, lane, col, border, ex, ch_sum_w[wi], ch_m[wi], ch_scale[wi],
                                                ch_bias[wi], tap_sums, H, W, R, S)
@@ -983,9 +1001,8 @@ def _build(p, q, config, out, conv, mma, epilogue=None, word_taps=False):
                                     t = f32_add_rn(t, f32_mul_rn(float32(rc - res_zp), res_scale))
                                 if relu != 0 and not t > 0:
                                     t = float32(0)
-                                pattern = quantize_scaled(t, out_zp, lo, hi, OUT_BITS, OUT_ENC)  # scale 1
-                            pattern = pattern if valid else 0
-                            total += store_word_at(y, int32(out_at + wi), out_plane, OUT_BITS, OUT_ENC, lane, pattern, valid)
+                                code = quantize_code(t, out_zp, lo, hi, OUT_ENC)  # scale 1
+                            total += store_codes(y, out_at, wi, out_plane, lane, code, valid)
                     if lane == 0:
                         if WHOLE_ROWS:
                             y_rowsum[row] = total
@@ -1026,7 +1043,8 @@ def _build(p, q, config, out, conv, mma, epilogue=None, word_taps=False):
     kernel = apconv if conv else apmm
     kind = out if OUT_PACK else ("f32" if OUT_FLOAT else "i32")
     if OUT_PACK:
-        kind += f"_{'usb'[OUT_ENC]}{OUT_BITS}" + (f"_t{LEVELS}" if LEVELS else "") + (f"_res{'usb'[RES_ENC]}{RES_BITS}" if RES_BITS else "") + ("_w" if WHOLE_ROWS else "")
+        kind += f"_{'usb'[OUT_ENC]}{OUT_BITS}" + (f"_t{LEVELS}" if LEVELS else "")
+        kind += (f"_res{'usb'[RES_ENC]}{RES_BITS}" if RES_BITS else "") + ("_w" if WHOLE_ROWS else "") + ("_bytes" if OUT_BYTES else "")
     kernel.__name__ = f"{'apconv' if conv else 'apmm'}_w{p}a{q}_{config.short()}_{kind}"
     kernel.__qualname__ = kernel.__name__
     if config.min_blocks and not SIMULATOR:  # (the simulator's jit takes no launch bounds)

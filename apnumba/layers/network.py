@@ -5,8 +5,9 @@ Planning walks the layers and turns them into steps, each one launch (or a view)
     first Conv2d      8-bit (bytes): quantize the float image into NHWC code bytes, then the layer's
                       convolution; bit planes: pack the receptive fields, then a 1x1 convolution
     Conv2d / Linear   one apconv; a following BatchNorm2d, ReLU, the block's residual, a 2x2 stride-2
-                      MaxPool2d and the next layer's quantizer are folded into its epilogue; the last
-                      layer writes float32
+                      MaxPool2d and the next layer's quantizer are folded into its epilogue, which packs
+                      bit planes, or code bytes where the next layer runs on int8 (an 8-bit last layer);
+                      the last layer writes float32
     BasicBlock        conv1 (+BN, ReLU) ; [downsample conv (+BN)] ; conv2 (+BN, + shortcut, ReLU)
     MaxPool2d / AvgPool2d / Flatten    the packed-tensor ops (other pools; Flatten is a view)
 
@@ -133,7 +134,9 @@ class Network:
                         and (nxt.kernel_size, nxt.stride, nxt.padding) == (2, 2, 0))
                 if pool:  # a 2x2/2 max pool after the conv goes into its epilogue (max commutes with requantize)
                     name, i = f"{name}+{i}:MaxPool2d", i + 1
-                self._product(layer, bn, relu, i >= len(layers), name, pool=pool)
+                consumer = layers[i] if i < len(layers) else None
+                self._product(layer, bn, relu, i >= len(layers), name, pool=pool,
+                              out_packing=self._packing_for(consumer, layer.out_act))
                 continue
             if isinstance(layer, BasicBlock):
                 self._block(layer, f"{i}:BasicBlock", last)
@@ -151,6 +154,16 @@ class Network:
             raise PlanError("model: the last layer must be a Conv2d or Linear (it writes the float32 logits)")
         self.logits = self.cur
 
+    @staticmethod
+    def _packing_for(consumer, act):
+        """How a product's output is packed: code bytes where the next layer is a product that runs
+        cheaper on the int8 tensor cores (an 8-bit last layer: 1 mma per 32 bytes, not 64 plane pairs
+        per 256 bits), else bit planes."""
+        if act is None or not isinstance(consumer, (Conv2d, Linear)):
+            return "bits"
+        K = consumer.in_features if isinstance(consumer, Linear) else consumer.kernel_size ** 2 * consumer.in_channels
+        return "bytes" if reference.bytes_pay(consumer.weight_precision, act.precision, K) else "bits"
+
     def _epilogue(self, layer, bn, in_act, out_act, residual_act=None):
         """float32 (scale, bias[, residual scale]) of a product's epilogue, folded in float64 once."""
         a = layer.weight_scale * in_act.scale
@@ -163,7 +176,7 @@ class Network:
         res = None if residual_act is None else np.float32(residual_act.scale / out_act.scale)
         return (a / out_act.scale).astype(np.float32), (b / out_act.scale).astype(np.float32), res
 
-    def _product(self, layer, bn, relu, final, name, residual=None, pool=False):
+    def _product(self, layer, bn, relu, final, name, residual=None, pool=False, out_packing="bits"):
         """One Conv2d / Linear with its folded epilogue; returns the output (PackedTensor, Act)."""
         if final and relu:
             raise PlanError(f"{name}: the last layer writes float32 logits; a ReLU after it is not supported")
@@ -195,7 +208,7 @@ class Network:
                 # first layer: 1 mma per 32 features instead of 64 per 256): the image's bytes, read by the
                 # layer's own convolution; else the receptive fields as bit planes for a 1x1 convolution.
                 if reference.bytes_pay(layer.weight_precision, act.precision, features):
-                    return self._first_bytes(layer, bn, relu, final, name, pool)
+                    return self._first_bytes(layer, bn, relu, final, name, pool, out_packing)
                 if self.on_gpu:
                     x = PackedTensor.from_patches(self.input, layer.kernel_size, layer.stride, layer.padding,
                                                   act.precision, act.scale, act.zero_point, self.layout)
@@ -235,14 +248,14 @@ class Network:
         if not self.on_gpu:
             launch = None
             out = PlannedTensor((N * OH * OW, layer.out_channels), None if final else out_act.precision,
-                                0 if final else out_act.zero_point, (N, OH, OW))
+                                0 if final else out_act.zero_point, (N, OH, OW), out_packing)
         elif final:
             launch = prepare_apconv(x, weight, stride, padding, scale=scale, bias=bias, stream=self.stream,
                                     config=self.tile)
             out = launch.out
         else:
             out = PackedTensor.empty((N * OH * OW, layer.out_channels), out_act.precision, out_act.scale,
-                                     out_act.zero_point)
+                                     out_act.zero_point, packing=out_packing)
             launch = prepare_apconv(x, weight, stride, padding, out=out, scale=scale, bias=bias, relu=relu,
                                     residual=res_x, residual_scale=float(res_scale or 1.0), stream=self.stream,
                                     pool="max" if pool else None, config=self.tile)
@@ -257,7 +270,7 @@ class Network:
         self.cur = out if final else (out, out_act)
         return self.cur
 
-    def _first_bytes(self, layer, bn, relu, final, name, pool):
+    def _first_bytes(self, layer, bn, relu, final, name, pool, out_packing):
         """A byte-packed first layer: quantize the image into NHWC code bytes (one word a pixel for <= 4
         channels), then the layer's own convolution reads them (one word a tap).  (ResNet-18 at batch 256
         on the H100: 154 us + a 978 us stem, where receptive fields gathered as bytes for a 1x1
@@ -272,7 +285,7 @@ class Network:
         self.steps.append(Step(f"{name} (input quantize)", lambda: PackedTensor.from_image(
             self.input, layout=self.layout, out=x, stream=self.stream), self._ref_image(), self.input, x))
         self.cur = (x, act)
-        return self._product(layer, bn, relu, final, name, pool=pool)
+        return self._product(layer, bn, relu, final, name, pool=pool, out_packing=out_packing)
 
     def _block(self, block, name, final):
         if final:

@@ -118,6 +118,20 @@ def test_apconv_fused_epilogue(rng, out, res, signs, device):
                       config=TileConfig(2, 1, 1, 1, 2), signs=signs, device_constants=device)
 
 
+BYTE_OUTPUTS = [("u8", None, None, False, 70, 2), ("s8", "max", None, True, 40, 4), ("u8", None, "u2", False, 40, 1),
+                ("b1", None, None, True, 40, 1)]
+
+
+@pytest.mark.parametrize("out,pool,res,device,K,mt", BYTE_OUTPUTS, ids=["-".join(map(str, c)) for c in BYTE_OUTPUTS])
+def test_apconv_fused_epilogue_bytes_out(rng, out, pool, res, device, K, mt):
+    """The fused epilogue writing code bytes (the input of an int8 next layer): thresholds or float32
+    (device constants, residual), pooled, partial words, words of padding channels, +-1 codes."""
+    check_conv_packed(rng, Precision.parse("u2"), Precision.parse("b1"), (1, 5, 4, 40), K, 3, 1, 1,
+                      Precision.parse(out), relu=out == "u8", residual_precision=res and Precision.parse(res),
+                      config=TileConfig(2, 1, mt, 1, 2), pool=pool, signs=True, device_constants=device,
+                      out_packing="bytes")
+
+
 POOLINGS = [("max", "u2", False, False, 64, 1), ("max", "s3", True, True, 64, 1), ("max", "s3", True, False, 64, 1),
             ("max", "b1", False, False, 40, 4), ("avg", "s3", False, False, 64, 1)]
 
