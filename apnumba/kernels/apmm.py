@@ -76,9 +76,9 @@ from .ptx import (
     ldmatrix_x4,
     mma_m16n8k256_and,
     mma_m16n8k32_int8,
+    shfl_idx,
     st_global_cs_v4,
     st_global_v4,
-    shfl_idx,
     st_shared,
     st_shared_v2,
 )
@@ -223,8 +223,8 @@ def apconv_kernel(p, q, config, out, mma="b1", epilogue=None, word_taps=False):
     if out.startswith("pack") and (epilogue is None or len(epilogue) not in (5, 6, 7)):
         raise ValueError("epilogue: a packed output needs (out_bits, out_encoding, res_bits, res_encoding, whole_rows"
                          f"[, threshold levels[, bytes out]]), got {epilogue!r}")
-    if len(epilogue or ()) > 5 and epilogue[5] and (epilogue[2] or out == "pack_avg"):
-        raise ValueError(f"epilogue: thresholds replace the float epilogue only without a residual or average pooling, got {epilogue!r}")
+    if len(epilogue or ()) > 5 and epilogue[5] and (epilogue[2] or out != "pack"):
+        raise ValueError(f"epilogue: thresholds replace the float epilogue only without a residual or pooling, got {epilogue!r}")
     return _build(p, q, config, out, conv=True, mma=mma, epilogue=epilogue, word_taps=word_taps)
 
 
@@ -676,16 +676,17 @@ def _build(p, q, config, out, conv, mma, epilogue=None, word_taps=False):
         return f32_add_rn(f32_mul_rn(float32(v), ch_scale), ch_bias)
 
     @cuda.jit(device=True, inline="always")
-    def store_codes(y, row_at, wi, plane_words, lane, code, valid):
+    def store_codes(y, row_at, wi, plane_words, lane, code, valid, room):
         """The lanes' codes of tile word wi - 32 channels - into the output row starting at word ``row_at``:
-        bit planes by ballots, or (OUT_BYTES) 32 code bytes, four lanes a word; returns their code sum."""
+        bit planes by ballots, or (OUT_BYTES) 32 code bytes, four lanes a word, within the ``room`` words
+        the row has from row_at (a tile's words past M may pass the row's end); returns their code sum."""
         if not OUT_BYTES:
             pattern = encode_code(code, OUT_BITS, OUT_ENC) if valid else 0
             return store_word_at(y, int32(row_at + wi), plane_words, OUT_BITS, OUT_ENC, lane, pattern, valid)
         four = uint32(code & 0xFF) << (8 * (lane & 3)) if valid else uint32(0)
         four |= uint32(shfl_idx(int32(four), lane ^ 1))
         four |= uint32(shfl_idx(int32(four), lane ^ 2))
-        if (lane & 3) == 0:
+        if (lane & 3) == 0 and 8 * wi + (lane >> 2) < room:
             y[uint64(row_at) + uint64(8 * wi + (lane >> 2))] = four
         total = code if valid else 0
         for k in range(5):
@@ -693,12 +694,12 @@ def _build(p, q, config, out, conv, mma, epilogue=None, word_taps=False):
         return total
 
     @cuda.jit(device=True, inline="always")
-    def level_count(signed_y, thresholds, row, lo):
-        """The requantized code of a sum y by integer comparisons of ``signed_y = sign * y``, where
-        thresholds[row] = [sign, T_1 .. T_LEVELS] (``reference.requantize_thresholds``)."""
+    def level_code(v, thresholds, row, lo):
+        """The requantized code of sum v by integer comparisons: thresholds[row] = [sign, T_1 .. T_LEVELS]."""
+        yy = int32(v * thresholds[row, 0])
         code = int32(lo)
         for k in range(LEVELS):
-            code += LEVEL_STEP if signed_y > thresholds[row, k + 1] else 0
+            code += LEVEL_STEP if yy > thresholds[row, k + 1] else 0
         return code
 
     @cuda.jit(device=True, inline="always")
@@ -891,11 +892,10 @@ def _build(p, q, config, out, conv, mma, epilogue=None, word_taps=False):
         if OUT_PACK:
             # The fused epilogue, one warp per pixel, 32 channels a lane-sweep: affine, residual, ReLU and
             # the next layer's quantizer on each lane's channel, then one ballot per bit plane packs the
-            # word.  The precisions are compile-time (plane and word loops unrolled); a lane's channel
-            # constants for every word of the tile are loaded once, a pixel's column terms once per
-            # pixel; words wholly past M (a 96-channel layer in 128-row tiles) are skipped; a pixel's code
-            # sum is written once (stored when the block holds all its channels, else one atomic add to
-            # the zeroed sum).  32-bit index arithmetic (the host checks the sizes).
+            # word.  The precisions are compile-time (plane loops unrolled); a lane's channel constants
+            # for every word of the tile are loaded once, a pixel's column terms once per pixel; a pixel's
+            # code sum is written once (stored when the block holds all its channels, else one atomic add
+            # to the zeroed sum).  32-bit index arithmetic (the host checks the sizes).
             out_zp = epi[2]
             relu = epi[3]
             res_zp = epi[6]
@@ -907,8 +907,8 @@ def _build(p, q, config, out, conv, mma, epilogue=None, word_taps=False):
             out_plane = int32(out_rows * out_cw)  # words of one plane of the output
             res_plane = int32(N * res_cw)
             if not POOL:
-                # A lane's channel constants for every word of the tile (registers: the word loop below
-                # unrolls; the pooling one, four pixels a word, stays a loop and loads them per word).
+                # A lane's channel constants for every word of the tile (registers: the word loop
+                # below unrolls; the pooling one stays a loop, so it loads them per word).
                 ch_valid = cuda.local.array(WORDS_PER_COLUMN, int32)
                 ch_m = cuda.local.array(WORDS_PER_COLUMN, int32)
                 ch_scale = cuda.local.array(WORDS_PER_COLUMN, float32)
@@ -926,56 +926,42 @@ def _build(p, q, config, out, conv, mma, epilogue=None, word_taps=False):
                 if LEVELS:
                     for wi in range(WORDS_PER_COLUMN):
                         load_levels(thresholds, ch_m[wi], ch_levels, wi)
-            else:
-                word_levels = cuda.local.array((1, LEVEL_COLS), int32)  # the word's channel (constant indices)
             out_n = int32(warp)  # the warp's output row (a pooling window, or a pixel)
             while out_n < (BN >> 2 if POOL else BN):
                 n = int32(n0 + (out_n << 2 if POOL else out_n))
                 if n < N:  # the same for the whole warp: the ballots stay convergent
                     row = int32(n >> 2) if POOL else n
-                    out_at = int32(row * out_cw + (8 * word0 if OUT_BYTES else word0))  # the row's first word of the tile
+                    out_at = int32(row * out_cw + (8 * word0 if OUT_BYTES else word0))  # the tile's first word in the row
+                    room = int32(out_cw - 8 * word0)  # (bytes: the row's words from there)
                     total = int32(0)
                     if POOL:
-                        # Each window is 4 consecutive tile rows.  Max pooling with thresholds: the code is
-                        # monotone in sign * y, so the window's code is that of its largest sign * y (exact,
-                        # integers only).  Otherwise the ReLU'd values are pooled in float32, then quantized.
+                        # Each window is 4 consecutive tile rows: ReLU'd values pooled in float32, then quantized.
                         cc = int32(out_n << 2)
                         col0, border0 = pixel_terms(smem, cc, c_k, ew, full)
                         col1, border1 = pixel_terms(smem, cc + 1, c_k, ew, full)
                         col2, border2 = pixel_terms(smem, cc + 2, c_k, ew, full)
                         col3, border3 = pixel_terms(smem, cc + 3, c_k, ew, full)
                         for wi in range(WORDS_PER_COLUMN):
-                            if m0 + 32 * wi >= M:  # padding channels only (the same for the whole warp):
-                                continue  # their words stay zero from allocation, as past the last block
                             m = int32(m0 + 32 * wi + lane)
-                            valid = m < M
                             mc = min(m, M - 1)
                             sw = sum_w[mc] if ex != 0 else 0
-                            if LEVELS:
-                                load_levels(thresholds, mc, word_levels, 0)
-                                sign = word_levels[0, 0]
-                                y0 = int32(sign * conv_sum(smem, cc, wi, lane, col0, border0, ex, sw, mc, tap_sums, H, W, R, S))
-                                y1 = int32(sign * conv_sum(smem, cc + 1, wi, lane, col1, border1, ex, sw, mc, tap_sums, H, W, R, S))
-                                y2 = int32(sign * conv_sum(smem, cc + 2, wi, lane, col2, border2, ex, sw, mc, tap_sums, H, W, R, S))
-                                y3 = int32(sign * conv_sum(smem, cc + 3, wi, lane, col3, border3, ex, sw, mc, tap_sums, H, W, R, S))
-                                code = level_count(max(max(y0, y1), max(y2, y3)), word_levels, 0, lo)
-                            else:
-                                sc, bi = scale[mc], bias[mc]
-                                t0 = conv_value(smem, cc, wi, lane, col0, border0, ex, sw, mc, sc, bi, tap_sums, H, W, R, S)
-                                t1 = conv_value(smem, cc + 1, wi, lane, col1, border1, ex, sw, mc, sc, bi, tap_sums, H, W, R, S)
-                                t2 = conv_value(smem, cc + 2, wi, lane, col2, border2, ex, sw, mc, sc, bi, tap_sums, H, W, R, S)
-                                t3 = conv_value(smem, cc + 3, wi, lane, col3, border3, ex, sw, mc, sc, bi, tap_sums, H, W, R, S)
-                                if relu != 0:
-                                    t0 = t0 if t0 > 0 else float32(0)
-                                    t1 = t1 if t1 > 0 else float32(0)
-                                    t2 = t2 if t2 > 0 else float32(0)
-                                    t3 = t3 if t3 > 0 else float32(0)
-                                if POOL == 1:
-                                    t = max(max(t0, t1), max(t2, t3))
-                                else:  # (top pair + bottom pair) / 4, each sum rounded: the reference's order
-                                    t = f32_mul_rn(f32_add_rn(f32_add_rn(t0, t1), f32_add_rn(t2, t3)), float32(0.25))
-                                code = quantize_code(t, out_zp, lo, hi, OUT_ENC)
-                            total += store_codes(y, out_at, wi, out_plane, lane, code, valid)
+                            valid = m < M
+                            sc, bi = scale[mc], bias[mc]
+                            t0 = conv_value(smem, cc, wi, lane, col0, border0, ex, sw, mc, sc, bi, tap_sums, H, W, R, S)
+                            t1 = conv_value(smem, cc + 1, wi, lane, col1, border1, ex, sw, mc, sc, bi, tap_sums, H, W, R, S)
+                            t2 = conv_value(smem, cc + 2, wi, lane, col2, border2, ex, sw, mc, sc, bi, tap_sums, H, W, R, S)
+                            t3 = conv_value(smem, cc + 3, wi, lane, col3, border3, ex, sw, mc, sc, bi, tap_sums, H, W, R, S)
+                            if relu != 0:
+                                t0 = t0 if t0 > 0 else float32(0)
+                                t1 = t1 if t1 > 0 else float32(0)
+                                t2 = t2 if t2 > 0 else float32(0)
+                                t3 = t3 if t3 > 0 else float32(0)
+                            if POOL == 1:
+                                t = max(max(t0, t1), max(t2, t3))
+                            else:  # (top pair + bottom pair) / 4, each sum rounded: the reference's order
+                                t = f32_mul_rn(f32_add_rn(f32_add_rn(t0, t1), f32_add_rn(t2, t3)), float32(0.25))
+                            code = quantize_code(t, out_zp, lo, hi, OUT_ENC)
+                            total += store_codes(y, out_at, wi, out_plane, lane, code, valid, room)
                     else:
                         cc = out_n
                         col, border = pixel_terms(smem, cc, c_k, ew, full)
@@ -987,12 +973,10 @@ def _build(p, q, config, out, conv, mma, epilogue=None, word_taps=False):
                                 for wi in range(WORDS_PER_COLUMN):
                                     res_planes[j, wi] = res_words[res_at + uint64(j) * uint64(res_plane) + uint64(wi)]
                         for wi in range(WORDS_PER_COLUMN):
-                            if m0 + 32 * wi >= M:  # padding channels only (the same for the whole warp):
-                                continue  # their words stay zero from allocation, as past the last block
                             valid = ch_valid[wi] != 0
                             if LEVELS:  # integer comparisons: affine, ReLU and quantizer in one
                                 v = conv_sum(smem, cc, wi, lane, col, border, ex, ch_sum_w[wi], ch_m[wi], tap_sums, H, W, R, S)
-                                code = level_count(int32(v * ch_levels[wi, 0]), ch_levels, wi, lo)
+                                code = level_code(v, ch_levels, wi, lo)
                             else:
                                 t = conv_value(smem, cc, wi, lane, col, border, ex, ch_sum_w[wi], ch_m[wi], ch_scale[wi],
                                                ch_bias[wi], tap_sums, H, W, R, S)
@@ -1002,7 +986,7 @@ def _build(p, q, config, out, conv, mma, epilogue=None, word_taps=False):
                                 if relu != 0 and not t > 0:
                                     t = float32(0)
                                 code = quantize_code(t, out_zp, lo, hi, OUT_ENC)  # scale 1
-                            total += store_codes(y, out_at, wi, out_plane, lane, code, valid)
+                            total += store_codes(y, out_at, wi, out_plane, lane, code, valid, room)
                     if lane == 0:
                         if WHOLE_ROWS:
                             y_rowsum[row] = total
