@@ -209,9 +209,10 @@ def apconv_kernel(p, q, config, out, mma="b1", epilogue=None, word_taps=False):
     With pooling, GEMM row n is pixel (2 ph + (n & 2) / 2, 2 pw + (n & 1)) of pooled pixel n / 4, so
     each pooling window is 4 consecutive rows of one tile (floor mode: an odd last row/column is dropped).
     ``mma`` as for :func:`apmm_kernel`.  ``epilogue``, for the packed outputs: the compile-time
-    (out_bits, out_encoding, res_bits, res_encoding, whole_rows) - the precisions' plane loops unroll
-    (res_bits 0: no residual), and with ``whole_rows`` (the block holds every output channel: M <=
-    block_m) a pixel's code sum is stored, not added atomically to a zeroed row sum.
+    (out_bits, out_encoding, res_bits, res_encoding, whole_rows[, levels[, bytes_out]]) - the precisions'
+    plane loops unroll (res_bits 0: no residual), with ``whole_rows`` (the block holds every output channel:
+    M <= block_m) a pixel's code sum is stored, not added atomically to a zeroed row sum; ``levels`` > 0:
+    integer thresholds instead of the float32 requantize; ``bytes_out``: code bytes instead of bit planes.
     Launch: grid (ceil(N / block_n), ceil(M / block_m)), block (config.threads,),
     dynamic shared memory config.shared_bytes(p, q, conv=True).
     """
