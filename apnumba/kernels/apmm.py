@@ -59,8 +59,8 @@ import functools
 
 from numba import cuda, float32, int32, int64, uint32, uint64
 
-from .pack import ENC_BINARY, code_range, quantize_code
-from .packed_ops import encode_code, lane_code, store_word_at
+from .pack import ENC_BINARY, code_range, encode_code, quantize_code
+from .packed_ops import lane_code, store_word_at
 from .ptx import (
     SIMULATOR,
     cp_async_16,

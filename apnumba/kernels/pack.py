@@ -64,12 +64,17 @@ def quantize_code(t, zero_point, lo, hi, encoding):
 
 
 @cuda.jit(device=True, inline="always")
-def quantize_scaled(t, zero_point, lo, hi, bits, encoding):
-    """float32 value already divided by its scale -> the bit pattern of its code (the reference quantizer)."""
-    code = quantize_code(t, zero_point, lo, hi, encoding)
+def encode_code(code, bits, encoding):
+    """A code's bit pattern (the planes' bits)."""
     if encoding == ENC_BINARY:
         return (code + 1) >> 1
     return code & ((int32(1) << bits) - 1)
+
+
+@cuda.jit(device=True, inline="always")
+def quantize_scaled(t, zero_point, lo, hi, bits, encoding):
+    """float32 value already divided by its scale -> the bit pattern of its code (the reference quantizer)."""
+    return encode_code(quantize_code(t, zero_point, lo, hi, encoding), bits, encoding)
 
 
 @cuda.jit(device=True, inline="always")

@@ -17,7 +17,7 @@ import functools
 
 from numba import cuda, float32, int32, uint32, uint64
 
-from .pack import ENC_BINARY, ENC_SIGNED, code_range, plane_coef, quantize_scaled
+from .pack import ENC_BINARY, ENC_SIGNED, code_range, encode_code, plane_coef, quantize_scaled
 from .ptx import ballot, divmod_u32, f32_add_rn, f32_mul_rn, popc32
 
 WARPS_PER_BLOCK = 8
@@ -46,14 +46,6 @@ def lane_code(planes, col, bits, encoding, lane):
 def code_at(words, rows, cwords, bits, encoding, row, word, lane):
     """The code of channel 32 * word + lane of ``row`` in packed words (bits, rows, cwords)."""
     return code_of(words, row * cwords + word, rows * cwords, bits, encoding, lane)
-
-
-@cuda.jit(device=True, inline="always")
-def encode_code(code, bits, encoding):
-    """A code's bit pattern (the planes' bits)."""
-    if encoding == ENC_BINARY:
-        return (code + 1) >> 1
-    return code & ((int32(1) << bits) - 1)
 
 
 @cuda.jit(device=True, inline="always")

@@ -133,13 +133,15 @@ def test_apconv_fused_epilogue_bytes_out(rng, out, pool, res, device, K, mt):
 
 
 POOLINGS = [("max", "u2", False, False, 64, 1), ("max", "s3", True, True, 64, 1), ("max", "s3", True, False, 64, 1),
-            ("max", "b1", False, False, 40, 4), ("avg", "s3", False, False, 64, 1)]
+            ("max", "b1", False, False, 40, 4), ("avg", "s3", False, False, 64, 1),
+            ("max", "s3", True, False, 150, 3)]  # 96-row tiles (three m16 tiles a warp): two blocks, a partial word
 
 
 @pytest.mark.parametrize("pool,out,signs,device,K,mt", POOLINGS, ids=["-".join(map(str, c)) for c in POOLINGS])
 def test_apconv_fused_pooling(rng, pool, out, signs, device, K, mt):
     """2x2/2 pooling in the epilogue: odd sizes (floor), binary padding corrections, two m-blocks, negative
-    scales, host or device constants; 40 channels in a 128-row tile leave two words of padding channels."""
+    scales, host or device constants; 40 channels in a 128-row tile leave two words of padding channels;
+    150 channels in 96-row tiles (as VGG's first layer runs): three words a block, the last partly padding."""
     check_conv_packed(rng, Precision.parse("u2"), Precision.parse("b1"), (1, 5, 4, 40), K, 3, 1, 1,
                       Precision.parse(out), relu=pool == "max", config=TileConfig(2, 1, mt, 1, 2),
                       pool=pool, signs=signs, device_constants=device)
