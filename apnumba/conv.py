@@ -85,8 +85,9 @@ def conv_config(p, q, M, N, K, packed=False):
     """The cost model's best tile with at most 16 mma per warp (the gather keeps more registers live);
     a packed output needs whole 32-channel words per block (block_m a multiple of 32).  Where the grid
     has blocks for two per SM, one k-step a stage: more k-steps a stage cost ~40 registers, so one block
-    per SM instead of two, and were 1.3-1.6x slower on every ResNet-18 3x3 layer at batch 256 (H100)."""
-    for cfg in tuning.candidates(p, q, M, N, K, limit=64):
+    per SM instead of two, and were 1.3-1.6x slower on every ResNet-18 3x3 layer at batch 256 (H100).
+    96 or 192 output channels may take 96-row tiles (three m16 tiles a warp): no idle padding rows."""
+    for cfg in tuning.candidates(p, q, M, N, K, limit=64, three_m_tiles=True):
         if (cfg.mma_per_step(p, q) <= 16 and cfg.shared_bytes(p, q, True) <= tuning.MAX_SHARED_PER_BLOCK
                 and not (packed and cfg.block_m % 32)):
             blocks = -(-M // cfg.block_m) * -(-N // cfg.block_n)

@@ -79,13 +79,16 @@ def estimate_cycles(config, p, q, M, N, K):
     return k_tiles * max(busy, latency) + epilogue
 
 
-def candidates(p, q, M, N, K, limit=4):
-    """The ``limit`` best-ranked tile configurations for this product, best first."""
+def candidates(p, q, M, N, K, limit=4, three_m_tiles=False):
+    """The ``limit`` best-ranked tile configurations for this product, best first.
+
+    ``three_m_tiles``: also warps of three m16 tiles where M is a multiple of 48 and not of 128 (96-row
+    tiles for M = 96 or 192; measured for convolutions, which ask for them)."""
     m_cap = max(1, 2 ** math.ceil(math.log2(math.ceil(M / 16))))
     n_cap = max(1, 2 ** math.ceil(math.log2(math.ceil(N / 8))))
     # Three m16 tiles a warp where power-of-two tiles would leave rows idle: M = 96 (VGG's first conv)
     # or 192 (AlexNet's second) in 96-row tiles (VGG's first conv at batch 8 and 256, H100: -17%).
-    m_tiles = (1, 2, 3, 4) if M % 48 == 0 and M % 128 else (1, 2, 4)
+    m_tiles = (1, 2, 3, 4) if three_m_tiles and M % 48 == 0 and M % 128 else (1, 2, 4)
     ranked = []
     for pg in _divisors(p):
         for mt in m_tiles:

@@ -38,6 +38,7 @@ CASES = [
     ("u1", "s2", TileConfig(1, 1, 1, 2, 2, 0, 1, 4), 20, 9, 1300, False, "mn"),  # 4 k-steps a stage, ragged
     ("s2", "u1", TileConfig(1, 1, 1, 1, 3, 0, 2, 4), 11, 6, 700, True, "mn"),  # 2 k-groups x 2 steps each
     ("b1", "u2", TileConfig(1, 1, 1, 1, 2, raster=3, stream_out=True), 80, 20, 256, False, "mn"),  # grouped order
+    ("s2", "u2", TileConfig(1, 1, 3, 1, 2), 100, 9, 300, True, "mn"),  # three m16 tiles a warp, a ragged last block
 ]
 
 
