@@ -71,7 +71,7 @@ def _pool(x, out, kernel_size, stride, padding, out_image, stream, avg_multiplie
         K.max_pool_kernel(x.bits, enc, kernel_size)[-(-words // 256), 256, stream](
             x.words.reshape(x.words.size), geometry, out.words.reshape(out.words.size), out.rowsum)
     else:
-        kernel = K.pool_kernel(K.POOL_AVG, x.bits, enc, out.bits, out.precision.encoding.code, kernel_size)
+        kernel = K.avg_pool_kernel(x.bits, enc, out.bits, out.precision.encoding.code, kernel_size)
         _launch(kernel, words, stream, x.words.reshape(x.words.size), geometry, _i32([x.zero_point, out.zero_point]),
                 np.float32(avg_multiplier), out.words.reshape(out.words.size), out.rowsum)
     return out

@@ -248,11 +248,11 @@ def _check_apconv(p, q, shape, out, cfg=None, levels=0):
     return c
 
 
-@pytest.mark.parametrize("mode,bits,enc,out_bits,out_enc,k", [(0, 2, 0, 2, 0, 3), (1, 8, 1, 4, 0, 2), (0, 1, 2, 1, 2, 3)])
-def test_pool_kernels(mode, bits, enc, out_bits, out_enc, k):
+@pytest.mark.parametrize("bits,enc,out_bits,out_enc,k", [(2, 0, 2, 0, 3), (8, 1, 4, 0, 2), (1, 2, 1, 2, 3)])
+def test_avg_pool_kernels(bits, enc, out_bits, out_enc, k):
     from apnumba.kernels import packed_ops
 
-    kernel = packed_ops.pool_kernel(mode, bits, enc, out_bits, out_enc, k)
+    kernel = packed_ops.avg_pool_kernel(bits, enc, out_bits, out_enc, k)
     c = sass.compile_kernel(kernel.py_func, "void(uint32[::1], int32[::1], int32[::1], float32, uint32[::1], int32[::1])",
                             (9, 0))
     check_clean(c, bmma=None)

@@ -17,20 +17,10 @@ import functools
 
 from numba import cuda, float32, int32, uint32, uint64
 
-from .pack import ENC_BINARY, ENC_SIGNED, code_range, encode_code, plane_coef, quantize_scaled
+from .pack import ENC_BINARY, ENC_SIGNED, code_range, plane_coef, quantize_scaled
 from .ptx import ballot, divmod_u32, f32_add_rn, f32_mul_rn, popc32
 
 WARPS_PER_BLOCK = 8
-POOL_MAX, POOL_AVG = 0, 1
-
-
-@cuda.jit(device=True, inline="always")
-def code_of(words, at, plane_words, bits, encoding, lane):
-    """The code of bit ``lane`` of word ``at`` of plane 0 (plane j's word is ``plane_words`` further on)."""
-    v = int32(0)
-    for j in range(bits):
-        v += plane_coef(j, bits, encoding) * int32((words[uint64(at) + uint64(j) * uint64(plane_words)] >> lane) & 1)
-    return v - 1 if encoding == ENC_BINARY else v
 
 
 @cuda.jit(device=True, inline="always")
@@ -45,7 +35,11 @@ def lane_code(planes, col, bits, encoding, lane):
 @cuda.jit(device=True, inline="always")
 def code_at(words, rows, cwords, bits, encoding, row, word, lane):
     """The code of channel 32 * word + lane of ``row`` in packed words (bits, rows, cwords)."""
-    return code_of(words, row * cwords + word, rows * cwords, bits, encoding, lane)
+    at, plane_words = row * cwords + word, rows * cwords
+    v = int32(0)
+    for j in range(bits):
+        v += plane_coef(j, bits, encoding) * int32((words[uint64(at) + uint64(j) * uint64(plane_words)] >> lane) & 1)
+    return v - 1 if encoding == ENC_BINARY else v
 
 
 @cuda.jit(device=True, inline="always")
@@ -70,10 +64,11 @@ def store_word(out, rows, cwords, bits, encoding, row, word, lane, pattern, vali
 
 
 @functools.lru_cache(maxsize=None)
-def pool_kernel(mode, bits, enc, out_bits, out_enc, kernel_size):
-    """The pooling kernel for one (mode, input precision, output precision, window): compile-time
-    constants, so the plane and tap loops unroll, the planes' weights fold, and every tap's loads are
-    issued before the first is used (a clamped address, masked after: no branch around a load)."""
+def avg_pool_kernel(bits, enc, out_bits, out_enc, kernel_size):
+    """Average pooling for one (input precision, output precision, window): compile-time constants, so
+    the plane and tap loops unroll, the planes' weights fold, and every tap's loads are issued before the
+    first is used (a clamped address, masked after: no branch around a load).  (Max pooling is bit-sliced:
+    :func:`max_pool_kernel`.)"""
 
     @cuda.jit
     def kernel(x, geometry, params, multiplier, out, out_rowsum):
@@ -92,7 +87,6 @@ def pool_kernel(mode, bits, enc, out_bits, out_enc, kernel_size):
         oh, ow = divmod_u32(rest, OW)
         rows_in = N * H * W
         valid = 32 * word + lane < C
-        best = int32(-(1 << 30))
         acc = int32(0)
         for r in range(k):
             for s in range(k):
@@ -101,12 +95,8 @@ def pool_kernel(mode, bits, enc, out_bits, out_enc, kernel_size):
                 inside = ih >= 0 and ih < H and iw >= 0 and iw < W
                 at = (img * H + min(max(ih, 0), H - 1)) * W + min(max(iw, 0), W - 1)
                 code = code_at(x, rows_in, cwords, bits, enc, at, word, lane)
-                best = max(best, code) if inside else best
                 acc += code - zp if inside else 0
-        if mode == POOL_MAX:
-            pattern = encode_code(best, out_bits, out_enc)
-        else:
-            pattern = quantize_scaled(f32_mul_rn(float32(acc), multiplier), out_zp, lo, hi, out_bits, out_enc)
+        pattern = quantize_scaled(f32_mul_rn(float32(acc), multiplier), out_zp, lo, hi, out_bits, out_enc)
         total = store_word(out, N * OH * OW, cwords, out_bits, out_enc, row, word, lane, pattern if valid else 0,
                            valid)
         if lane == 0:
