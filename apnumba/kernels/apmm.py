@@ -59,7 +59,7 @@ import functools
 
 from numba import cuda, float32, int32, int64, uint32, uint64
 
-from .pack import ENC_BINARY, code_range, encode_code, quantize_code
+from .pack import ENC_BINARY, code_range, encode_code, quantize_code, warp_sum
 from .packed_ops import lane_code, store_word_at
 from .ptx import (
     SIMULATOR,
@@ -689,10 +689,7 @@ def _build(p, q, config, out, conv, mma, epilogue=None, word_taps=False):
         four |= uint32(shfl_idx(int32(four), lane ^ 2))
         if (lane & 3) == 0 and 8 * wi + (lane >> 2) < room:
             y[uint64(row_at) + uint64(8 * wi + (lane >> 2))] = four
-        total = code if valid else 0
-        for k in range(5):
-            total += shfl_idx(total, lane ^ (16 >> k))
-        return total
+        return warp_sum(code if valid else 0, lane)
 
     @cuda.jit(device=True, inline="always")
     def level_code(v, thresholds, row, lo):

@@ -214,6 +214,9 @@ def _segment_sum(segment):
     return segment_sum
 
 
+warp_sum = _segment_sum(32)  # (total, lane) -> the sum over the warp, in every lane
+
+
 @functools.lru_cache(maxsize=None)
 def pack_rows_bytes_kernel(bits, encoding, segment):
     """Quantize float rows (rows x K, row stride ld) into byte-packed rows (``reference``: byte packing):
