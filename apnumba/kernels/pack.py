@@ -201,7 +201,11 @@ def byte_segment(words):
     return segment
 
 
-def _segment_sum(segment):
+@functools.lru_cache(maxsize=None)
+def lane_group_sum(segment):
+    """A device function (total, lane) -> the sum over the aligned group of ``segment`` lanes (a power of
+    two <= 32) that ``lane`` is in, in every lane of the group; every lane of the warp must call it."""
+
     @cuda.jit(device=True, inline="always")
     def segment_sum(total, lane):
         """Butterfly over the ``segment`` lanes of a row: every one of them ends with the row's sum."""
@@ -214,7 +218,7 @@ def _segment_sum(segment):
     return segment_sum
 
 
-warp_sum = _segment_sum(32)  # (total, lane) -> the sum over the warp, in every lane
+warp_sum = lane_group_sum(32)  # (total, lane) -> the sum over the warp, in every lane
 
 
 @functools.lru_cache(maxsize=None)
@@ -228,7 +232,7 @@ def pack_rows_bytes_kernel(bits, encoding, segment):
     32 / segment)), block 32 * WARPS_PER_BLOCK.
     """
     ROWS_PER_WARP = 32 // segment
-    segment_sum = _segment_sum(segment)
+    segment_sum = lane_group_sum(segment)
 
     @cuda.jit
     def kernel(x, rows, K, ld, scale, scale_step, zero_point, words, kwords, rowsum):

@@ -92,6 +92,9 @@ CONV_CASES = [
     # taps of whole k-steps (C > 128) two a stage; half k-step taps (C <= 128) eight a stage
     ("u2", "b1", (1, 4, 5, 160), 16, 3, 1, 1, TileConfig(1, 1, 1, 2, 2, stage_steps=2), False),
     ("u2", "s2", (1, 5, 5, 70), 16, 3, 1, 1, TileConfig(1, 1, 1, 2, 2, stage_steps=4), True),
+    # +-1 weights (the taps' pixel sums enter every output) in 49-tap windows, most of them cut by the
+    # border: each pixel's sums split over 8 lanes (64 threads, 8 pixels a block), several taps a lane
+    ("u2", "b1", (1, 6, 7, 12), 16, 7, 1, 3, TileConfig(2, 1, 1, 1, 2), False),
 ]
 
 
