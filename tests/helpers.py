@@ -227,6 +227,9 @@ def check_network(rng, model, input_shape, tile=None, layout="NCHW", capture=Fal
         got = step.out.codes().reshape(expect.shape) if isinstance(step.out, PackedTensor) else step.out.copy_to_host()
         assert (np.asarray(got).reshape(expect.shape) == expect).all(), (
             f"step {step.name} differs at {np.argwhere(np.asarray(got).reshape(expect.shape) != expect)[:4].tolist()}")
+        if isinstance(step.out, PackedTensor):  # the row sums the next product's corrections read
+            sums = R.row_sums(np.asarray(expect).reshape(step.out.rows, -1))
+            assert (step.out.rowsum_host() == sums).all(), f"step {step.name}: row sums differ"
     assert (logits == net.reference(x)).all()
     cpu = Network(model, input_shape, layout=layout, device="cpu")  # the plan without a GPU: same steps, same logits
     assert [s.name for s in cpu.steps] == [s.name for s in net.steps]
