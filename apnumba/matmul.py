@@ -12,7 +12,7 @@ import numpy as np
 from numba import cuda, float32, int32, uint32
 
 from . import reference, tuning
-from .device import as_device_array, check_accumulator, device_name, is_device_array, require_gpu
+from .device import as_device_array, check_accumulator, compute_capability, device_name, is_device_array, require_gpu
 from .kernels.apmm import apmm_kernel
 from .kernels.launch import CompiledKernel
 from .kernels.ptx import SIMULATOR
@@ -76,15 +76,22 @@ def _model_k(K, mma):
     return K if mma == "b1" else reference.padded_words(K, "bytes") * 32
 
 
+def _wgmma_ok(mma="b1"):
+    """wgmma (sm_90a) tiles run here: an sm_90 GPU (numba builds its kernels for sm_90a), b1 planes."""
+    return mma == "b1" and not SIMULATOR and compute_capability() == (9, 0)
+
+
 def choose_config(p, q, M, N, K, out_float, autotune=False, mma="b1"):
-    """Cached autotuned choice if there is one, else (autotune=True) tune now, else the model's best."""
+    """Cached autotuned choice if there is one, else (autotune=True) tune now, else the model's best
+    (on an H100, wgmma tiles for large products: ``tuning.hopper_config``)."""
     key = tuning.cache_key(device_name(), p, q, M, N, K, out_float, mma)
     cfg = tuning.cached_config(key)
-    if cfg is not None:
+    if cfg is not None and (not cfg.wgmma or _wgmma_ok(mma)):
         return cfg
     if autotune and not SIMULATOR:
         return autotune_config(p, q, M, N, K, out_float, key, mma)
-    return tuning.default_config(p, q, M, N, _model_k(K, mma))
+    hopper = tuning.hopper_config(p, q, M, N, K) if _wgmma_ok(mma) else None
+    return hopper or tuning.default_config(p, q, M, N, _model_k(K, mma))
 
 
 def autotune_config(p, q, M, N, K, out_float, key=None, mma="b1"):
@@ -104,7 +111,10 @@ def autotune_config(p, q, M, N, K, out_float, key=None, mma="b1"):
     stream = cuda.stream()
     calls = int(max(2, min(100, 2e4 / max(1.0, 2.0 * M * N * K * p * q / 8e9))))
     timings = {}
-    for cfg in tuning.candidates(p, q, M, N, _model_k(K, mma), limit=3):
+    tiles = tuning.candidates(p, q, M, N, _model_k(K, mma), limit=3)
+    if _wgmma_ok(mma):
+        tiles += [c for c in (tuning.hopper_config(p, q, M, N, K), tuning.wgmma_config(p, q, 2, 2)) if c is not None]
+    for cfg in tiles:
         timings[cfg] = gpu_time_per_call(
             stream, lambda cfg=cfg: apmm(w, x, out=y, scale=scale, config=cfg, stream=stream), calls=calls, replays=3
         )
@@ -162,6 +172,9 @@ def prepare_apmm(w, x, *, out=None, scale=None, bias=None, out_dtype=None, layou
     p, q, packing = w.planes, x.planes, w.packing
     mma = reference.mma_kind(w.precision, x.precision, packing)
     cfg = config or choose_config(p, q, M, N, K, out_float, autotune, mma)
+    if cfg.wgmma and not _wgmma_ok(mma):
+        raise ValueError(f"config: {cfg.short()} is a wgmma tile: it needs an sm_90 GPU (H100 / H200) and bit planes, "
+                         f"this is compute capability {compute_capability()} with {mma!r} operands")
     grid = (-(-N // cfg.block_n), -(-M // cfg.block_m))
     stride_m, stride_n = (N, 1) if layout == "mn" else (1, M)
     c_sw, c_sx, c_const = reference.correction_terms(w.precision, x.precision, K, w.zero_point, x.zero_point, packing)

@@ -129,6 +129,40 @@ def default_config(p, q, M, N, K):
     return candidates(p, q, M, N, K, limit=1)[0]
 
 
+WGMMA_MIN_WAVES = 8  # measured where blocks come in many waves (8192^3: 10-40); the autotuner times them anywhere
+WGMMA_MIN_K = 4096
+
+
+def hopper_config(p, q, M, N, K):
+    """On sm_90, large products run on wgmma tiles of three warpgroups (two where the weight planes take
+    several passes).  H100, 8192^3, against the mma.sync tiles in the same run: w1a1 42.7 -> 55.9%,
+    w1a2 50.1 -> 73.1%, w2a2 52.9 -> 75.6%, w1a4 53.2 -> 78.9% of the mma.sync peak.  None where the
+    mma.sync tiles stay: fewer than WGMMA_MIN_WAVES blocks per SM, or K below WGMMA_MIN_K (not measured)."""
+    cfg = wgmma_config(p, q, 3, 2)
+    if cfg is not None and cfg.passes(p) > 1:  # several plane passes: three warpgroups would spill
+        cfg = wgmma_config(p, q, 2, 2)
+    if cfg is None or K < WGMMA_MIN_K:
+        return None
+    blocks = math.ceil(M / cfg.block_m) * math.ceil(N / cfg.block_n)
+    return cfg if blocks >= WGMMA_MIN_WAVES * SMS else None
+
+
+def wgmma_config(p, q, warpgroups=2, steps=2):
+    """The warpgroup (sm_90a wgmma) tile for w{p}a{q}: ``warpgroups`` x 64 rows, at most two weight planes
+    a pass, as many columns as 128 accumulator registers hold (plane group x q x block_n = 256), the
+    deepest ring of ``steps``-k-step stages that fits in shared memory; None where no such tile exists."""
+    group = 2 if p % 2 == 0 else 1
+    block_n = (256 // (group * q)) // 8 * 8
+    if block_n < 8:
+        return None
+    for stages in range(8, 2, -1):
+        cfg = TileConfig(4 * warpgroups, 1, 1, block_n // 8, stages, 0 if group == p else group, 1,
+                         0 if steps == 1 else steps, min_blocks=1 if warpgroups > 2 else 0, wgmma=True)
+        if cfg.shared_bytes(p, q) <= MAX_SHARED_PER_BLOCK:
+            return cfg
+    return None
+
+
 # ---- the on-disk cache of autotuned choices ------------------------------------------------
 
 _lock = threading.Lock()

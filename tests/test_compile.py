@@ -12,10 +12,10 @@ import re
 import pytest
 
 from apnumba.kernels import pack, probe
-from apnumba.kernels.apmm import TileConfig, apmm_kernel
+from apnumba.kernels.apmm import TileConfig, apconv_kernel, apmm_kernel
 from apnumba.kernels.ptx import SIMULATOR
 from apnumba.matmul import _signature
-from apnumba.tuning import default_config
+from apnumba.tuning import default_config, hopper_config, wgmma_config
 
 pytestmark = pytest.mark.skipif(SIMULATOR, reason="PTX/SASS tests need the real numba.cuda, not the simulator")
 
@@ -180,6 +180,48 @@ def test_apmm_sm80(p, q):
     cfg = default_config(p, q, 8192, 8192, 8192)
     c = _apmm_sass(p, q, cfg, True, (8, 0))
     check_clean(c, count=cfg.mma_per_step(p, q))
+
+
+WGMMA = [(1, 1, 3, 2), (1, 2, 3, 2), (2, 2, 3, 2), (1, 4, 3, 2), (4, 4, 2, 2), (8, 8, 2, 2), (3, 5, 2, 2),
+         (1, 2, 2, 2), (2, 2, 2, 4), (1, 8, 3, 2), (1, 2, 3, 1)]
+
+
+@pytest.mark.parametrize("p,q,groups,steps", WGMMA, ids=[f"w{p}a{q}-{g}wg-{s}" for p, q, g, s in WGMMA])
+def test_apmm_wgmma_sm90a(p, q, groups, steps):
+    """The warpgroup tiles (sm_90a): per k-step one BGMMA m64n(q * block_n)k256 AND per weight plane of a
+    pass, no XOR, no routine, no stack; two-warpgroup tiles keep everything in registers, three-warpgroup
+    tiles (384 threads: at most 168 registers) may spill a few words outside the main loop."""
+    cfg = wgmma_config(p, q, groups, steps)
+    c = sass.compile_kernel(apmm_kernel(p, q, cfg, False), _signature(False), (9, 0, "a"))
+    ops = c.opcodes()
+    shape = f"BGMMA.64x{q * cfg.block_n}x256.AND.POPC"
+    assert c.sass.count(shape) >= cfg.group(p), f"expected {shape} in SASS, got {sorted(k for k in ops if 'MMA' in k)}"
+    assert ".target sm_90a" in c.ptx and "wgmma.mma_async.sync.aligned" in c.ptx
+    assert not [k for k in ops if "XOR" in k or k.startswith("CALL.ABS")]
+    assert c.stack_bytes == 0 or groups == 3
+    assert c.spill_bytes == 0 if groups == 2 else c.spill_bytes <= 160, f"{c.spill_bytes} bytes of spills"
+    assert c.registers <= (168 if groups == 3 else 255)
+    print(f"apmm w{p}a{q} {cfg.short()}: {c.registers} registers, {c.spill_bytes} bytes spilled")
+
+
+def test_wgmma_tiles_are_checked():
+    with pytest.raises(ValueError, match="wgmma"):
+        TileConfig(4, 2, 1, 8, 4, wgmma=True)
+    with pytest.raises(ValueError, match="wgmma"):
+        apmm_kernel(1, 8, TileConfig(4, 1, 1, 8, 4, wgmma=True), False)  # 8 planes x 64 columns > 256
+    with pytest.raises(ValueError, match="no wgmma path"):
+        apconv_kernel(1, 1, TileConfig(4, 1, 1, 8, 4, wgmma=True), "i32")
+    assert wgmma_config(1, 2, 3, 2).short() == "12x1w1x16t8sx2b1W"
+    assert wgmma_config(2, 2, 2, 2).block_n == 64 and wgmma_config(8, 8, 2, 2).passes(8) == 4
+    # what an H100 runs by default: three warpgroups where one pass holds every weight plane, else two
+    for p, q in WGMMA_BITS_DEFAULT:
+        cfg = hopper_config(p, q, 8192, 8192, 8192)
+        assert (p, q, cfg.threads // 128, cfg.steps) in WGMMA, (p, q, cfg.short())
+    assert hopper_config(1, 2, 8192, 8, 8192) is None and hopper_config(1, 2, 8192, 8192, 2048) is None
+    assert hopper_config(1, 2, 4096, 4096, 4096) is None and hopper_config(1, 2, 8192, 4096, 4100) is not None
+
+
+WGMMA_BITS_DEFAULT = [(1, 1), (1, 2), (2, 2), (1, 4), (4, 4), (8, 8), (3, 5), (1, 8)]
 
 
 CONV = [

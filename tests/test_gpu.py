@@ -9,10 +9,12 @@ from numba import cuda
 from apnumba import reference as R
 from apnumba.device import AccumulatorOverflowError
 from apnumba.kernels.apmm import TileConfig
-from apnumba.matmul import apmm, matmul
+from apnumba.matmul import apmm, matmul, prepare_apmm
 from apnumba.packed import PackedTensor
 from apnumba.precision import Precision, quantize
-from apnumba.tuning import candidates, default_config
+from apnumba.device import gpu_available
+from apnumba.kernels.ptx import SIMULATOR
+from apnumba.tuning import candidates, default_config, hopper_config, wgmma_config
 from tests.conftest import requires_gpu
 from tests.helpers import (
     check_apmm, check_conv, check_conv_packed, check_image_conv, check_network, check_pack, check_pooling_and_add, check_tiles,
@@ -145,6 +147,42 @@ def test_image_conv_at_scale(rng, layout):
 def test_apconv_bytes_geometries(rng):
     for image, K, k, stride, padding in CONV_GEOMETRY[:6]:
         check_conv(rng, Precision.parse("u8"), Precision.parse("s8"), image, K, k, stride, padding, zx=7, packing="bytes")
+
+
+def _sm90():
+    from apnumba.device import compute_capability
+    return compute_capability() == (9, 0)
+
+
+requires_sm90 = pytest.mark.skipif(not gpu_available() or SIMULATOR or not _sm90(), reason="wgmma tiles need an sm_90 GPU")
+WGMMA_BITS = [(1, 1), (1, 2), (2, 2), (1, 4), (4, 4), (8, 8), (3, 5), (2, 1)]
+
+
+@requires_sm90
+@pytest.mark.parametrize("p,q", WGMMA_BITS)
+def test_apmm_wgmma_every_encoding(rng, p, q):
+    """The warpgroup tiles (the default on an H100 for large products, and the autotuner's other one):
+    exact for every encoding pair, with the extreme values, the float epilogue and the transposed output."""
+    for cfg in (hopper_config(p, q, 8192, 8192, 8192), wgmma_config(p, q, 2, 4)):
+        for pw, px in itertools.product(precisions(p), precisions(q)):
+            check_apmm(rng, pw, px, 150, 97, 1000, cfg, w_extreme=True)
+        check_apmm(rng, precisions(p)[-1], precisions(q)[0], 300, 200, 1500, cfg, True, "nm")
+
+
+@requires_sm90
+def test_apmm_wgmma_ragged_shapes_and_the_default(rng):
+    pw, px = Precision.parse("b1"), Precision.parse("u2")
+    for cfg in (wgmma_config(1, 2, 3, 2), wgmma_config(1, 2, 2, 1)):
+        for M, N, K in itertools.product(RAGGED, RAGGED, [1, 33, 257, 1000]):
+            check_apmm(rng, pw, px, M, N, K, cfg)
+    # A product large enough for the default to be a wgmma tile equals the mma.sync tile's result.
+    M, N, K = 8192, 4096, 4100
+    assert hopper_config(1, 2, M, N, K) is not None and hopper_config(1, 2, 64, 4096, K) is None
+    W = PackedTensor.from_codes(R.random_codes(rng, (M, K), pw), pw)
+    X = PackedTensor.from_codes(R.random_codes(rng, (N, K), px), px)
+    wg = apmm(W, X)
+    assert np.array_equal(apmm(W, X, config=default_config(1, 2, M, N, K)).copy_to_host(), wg.copy_to_host())
+    assert prepare_apmm(W, X).config.wgmma
 
 
 def test_apmm_tile_configs_by_hand(rng):

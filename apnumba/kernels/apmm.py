@@ -45,6 +45,18 @@ splits p weight planes into p/pg passes over K when all pairs at once would
 need too many registers (w8a8): each pass folds its pairs into the output
 accumulators before the next starts.
 
+Warpgroup tiles (``TileConfig(wgmma=True)``, sm_90a; the default on an H100 for large products)
+replace the ldmatrix + mma.sync k-step by ``wgmma m64n(q*BN)k256``, one per weight plane of the pass,
+read by the tensor cores straight from the stages::
+
+    warpgroup w (warps 4w .. 4w+3): W rows 64w .. 64w+63 of plane j  x  all q planes of B (q*BN rows)
+    stage rows of 32 / 64 / 128 bytes (1 / 2 / 4 k-steps) with the chunk swizzle above are the
+    descriptor's K-major 32B / 64B / 128B swizzle atoms (8 rows); k-step s starts s * 32 bytes in
+
+The copies are the same cp.async ring; a stage is refilled one iteration later (one wgmma group
+stays in flight while the next is issued), and the accumulators land in the same fragment layout,
+so the epilogue below is shared.
+
 Epilogue, in two steps.  (1) In registers, each lane combines its plane pairs
 with the weights cw_j * cx_i and writes the int32 sums into an output tile in
 shared memory ([BLOCK_M][BLOCK_N + 8], over the drained stages).  (2) The
@@ -67,7 +79,18 @@ from .ptx import (
     cp_async_4,
     cp_async_commit,
     cp_async_wait,
+    DESC_SWIZZLE,
     divmod_u32,
+    fence_proxy_async,
+    pin_registers,
+    smem_addr,
+    smem_desc,
+    tuple_into,
+    wgmma_b1,
+    wgmma_commit,
+    wgmma_fence,
+    wgmma_wait,
+    zeros_i32,
     f32_add_rn,
     f32_mul_rn,
     ld_shared,
@@ -103,6 +126,10 @@ class TileConfig:
     raster: int = 0  # > 0: blocks run in groups of this many block-rows, column by column (L2 reuse)
     stream_out: bool = False  # store the output with evict-first (.cs) so it does not flush the operands from L2
     min_blocks: int = 0  # > 0: ask ptxas (launch bounds) to fit this many blocks per SM in the registers
+    # Warpgroup products (sm_90a wgmma, operands read from the stages): each 4 warps along m are one
+    # warpgroup of 64 rows with mt = 1, warps_n = 1 and nt * 8 = block_n columns; per k-step a
+    # warpgroup issues one m64n(q * block_n)k256 per weight plane of the pass.
+    wgmma: bool = False
 
     def __post_init__(self):
         for name in ("warps_m", "warps_n", "mt", "nt", "warps_k"):
@@ -120,6 +147,11 @@ class TileConfig:
             raise ValueError(f"raster: expected >= 0, got {self.raster}")
         if self.threads > MAX_THREADS:
             raise ValueError(f"warps: {self.threads} threads per block, at most {MAX_THREADS}")
+        if self.wgmma:
+            shape = (self.warps_m % 4, self.warps_n, self.mt, self.warps_k)
+            if shape != (0, 1, 1, 1) or self.steps not in (1, 2, 4) or self.stages < 3:
+                raise ValueError("wgmma: expected warps_m a multiple of 4, warps_n = mt = warps_k = 1, stage_steps "
+                                 f"1, 2 or 4 and stages >= 3, got {self}")
 
     @property
     def block_m(self):
@@ -155,7 +187,8 @@ class TileConfig:
         convolutions store the tile transposed and keep four words per output pixel after it."""
         stages = self.stages * self.stage_words(p, q)
         tile = self.block_n * (self.block_m + 4) + 4 * self.block_n if conv else self.block_m * (self.block_n + 8)
-        return 4 * (max(stages, tile) if self.passes(p) == 1 else stages + tile)
+        align = 256 if self.wgmma else 0  # wgmma's swizzle atoms need the stages 1024-byte aligned
+        return 4 * ((max(stages, tile) if self.passes(p) == 1 else stages + tile) + align)
 
     def mma_per_step(self, p, q):
         """Independent mma a warp issues per 256-bit k-step (its accumulators: 4 registers each)."""
@@ -166,6 +199,7 @@ class TileConfig:
         extra += f"x{self.steps}" if self.steps != self.warps_k else ""
         extra += (f"r{self.raster}" if self.raster else "") + ("c" if self.stream_out else "")
         extra += f"b{self.min_blocks}" if self.min_blocks else ""
+        extra += "W" if self.wgmma else ""
         return f"{self.warps_m}x{self.warps_n}w{self.mt}x{self.nt}t{self.stages}s{extra}"
 
 
@@ -189,6 +223,11 @@ def apmm_kernel(p, q, config, out_float, mma="b1"):
     dynamic shared memory config.shared_bytes(p, q).
     """
     _check_mma(mma, p, q)
+    if config.wgmma:
+        regs = config.group(p) * q * config.block_n
+        if mma != "b1" or q * config.block_n > 256 or regs > 256 or config.group(p) > 2:
+            raise ValueError(f"config: wgmma takes b1 planes, q * block_n <= 256 columns and at most two weight planes a "
+                             f"pass of <= 256 columns in all, got p={p}, q={q}, mma={mma!r}, {config.short()}")
     return _build(p, q, config, out_float, conv=False, mma=mma)
 
 
@@ -217,6 +256,8 @@ def apconv_kernel(p, q, config, out, mma="b1", epilogue=None, word_taps=False):
     dynamic shared memory config.shared_bytes(p, q, conv=True).
     """
     _check_mma(mma, p, q)
+    if config.wgmma:
+        raise ValueError(f"config: the convolution has no wgmma path yet, got {config.short()}")
     if out not in OUT_KINDS:
         raise ValueError(f"out: expected one of {OUT_KINDS}, got {out!r}")
     if out.startswith("pack") and config.block_m % 32:
@@ -283,9 +324,24 @@ def _build(p, q, config, out, conv, mma, epilogue=None, word_taps=False):
     # One product per plane pair and k-step: b1 AND + popc over 256 bits, or int8 over 32 bytes
     # (the same fragments, so everything else is shared).
     mma_tile = mma_m16n8k256_and if mma == "b1" else mma_m16n8k32_int8(mma)
-    wait_for_stage = cp_async_wait(STAGES - 2)
+    WGMMA = config.wgmma
+    # k-tiles loaded ahead: with wgmma the groups of k-tile kt - 1 may still read their stage while
+    # k-tile kt is issued (one group in flight), so that stage is refilled one iteration later.
+    AHEAD = STAGES - 2 if WGMMA else STAGES - 1
+    wait_for_stage = cp_async_wait(AHEAD - 1)
     wait_all = cp_async_wait(0)
-    assert config.shared_bytes(p, q, conv) == 4 * max(STAGES * STAGE_WORDS, COL_BASE + COLUMNS * BN)
+    ALIGN_WORDS = 256 if WGMMA else 0
+    assert config.shared_bytes(p, q, conv) == 4 * (max(STAGES * STAGE_WORDS, COL_BASE + COLUMNS * BN) + ALIGN_WORDS)
+    if WGMMA:
+        WG_N = Q * BN  # a warpgroup's product: 64 rows x (q planes x BN) columns per weight plane
+        WG_REGS = WG_N // 2
+        wg_mma = wgmma_b1(WG_N)
+        wg_zeros = zeros_i32(WG_REGS)
+        wg_pin = pin_registers(WG_REGS)
+        wg_wait_one = wgmma_wait(1)
+        wg_wait_all = wgmma_wait(0)
+        SWIZZLE, ATOM_STRIDE = DESC_SWIZZLE[ROW_WORDS * 4]  # the stages' rows are the descriptor's swizzle atoms
+        DESC_FIELDS = uint64((1 << 16) | ((ATOM_STRIDE >> 4) << 32) | (SWIZZLE << 62))
 
     @cuda.jit(device=True, inline="always")
     def finish(v, row_term, c_sx, sum_x, n, scale, bias, m):
@@ -480,6 +536,8 @@ def _build(p, q, config, out, conv, mma, epilogue=None, word_taps=False):
     def apmm(a_words, b_words, M, N, kwords, coef_w, coef_x, c_sw, c_sx, c_const,
              sum_w, sum_x, scale, bias, y, y_stride_m, y_stride_n):
         smem = cuda.shared.array(0, uint32)  # dynamic: config.shared_bytes(p, q), given at launch
+        if WGMMA:  # the stages 1024-byte aligned: wgmma applies its swizzle to address bits
+            smem = smem[((1024 - (smem_addr(smem, 0) & 1023)) & 1023) >> 2:]
         tid = cuda.threadIdx.x
         lane = tid & 31
         warp = tid >> 5
@@ -526,16 +584,51 @@ def _build(p, q, config, out, conv, mma, epilogue=None, word_taps=False):
             zero_accumulators(acc)
             a_pass = int64(ps * PG) * M * kwords
 
-            for s in range(STAGES - 1):  # prologue: fill all stages but one
+            for s in range(AHEAD):  # prologue: fill all stages but one (wgmma: but two)
                 if s < k_tiles:
                     load_stage(smem, s, s, k_steps, a_words, b_words, a_pass,
                                a_src, a_dst, a_step, a_bytes, b_src, b_dst, b_step, b_bytes)
                 cp_async_commit()
 
-            for kt in range(k_tiles):
+            if WGMMA:
+                # Warpgroup w (warps 4w .. 4w + 3) multiplies rows 64w .. 64w + 63 of every weight plane
+                # of the pass by all q activation planes at once (B's planes are consecutive rows).
+                wg_rows = (warp >> 2) * 64 * ROW_WORDS
+                acc0 = wg_zeros()
+                acc1 = wg_zeros()
+                for kt in range(k_tiles):
+                    wait_for_stage()
+                    fence_proxy_async()  # the landed copies, visible to wgmma's (async proxy) reads ...
+                    cuda.syncthreads()  # ... everybody's, and k-tile kt - 2's groups are done everywhere
+                    nxt = kt + AHEAD
+                    if nxt < k_tiles:
+                        load_stage(smem, nxt % STAGES, nxt, k_steps, a_words, b_words, a_pass,
+                                   a_src, a_dst, a_step, a_bytes, b_src, b_dst, b_step, b_bytes)
+                    cp_async_commit()
+                    base = (kt % STAGES) * STAGE_WORDS
+                    wgmma_fence()
+                    for step in range(STEPS):  # k-step s of a row starts s * 32 bytes in (the swizzle is the hardware's)
+                        db = smem_desc(smem, base + A_ROWS * ROW_WORDS + step * K_STEP_WORDS, DESC_FIELDS)
+                        acc0 = wg_mma(acc0, smem_desc(smem, base + wg_rows + step * K_STEP_WORDS, DESC_FIELDS), db, 1)
+                        if PG > 1:
+                            acc1 = wg_mma(acc1, smem_desc(smem, base + BM * ROW_WORDS + wg_rows + step * K_STEP_WORDS,
+                                                          DESC_FIELDS), db, 1)
+                    wgmma_commit()
+                    wg_wait_one()  # k-tile kt - 1's products are done: its stage may be refilled next iteration
+                wg_wait_all()
+                acc0 = wg_pin(acc0)
+                if PG > 1:
+                    acc1 = wg_pin(acc1)
+                # The warpgroup fragment is the m16n8 tiles the fold walks: n8 column group c of plane i's
+                # columns is register group i * NT + c, so acc[j, i, 0, c, e] is register 4 (i NT + c) + e of plane j.
+                tuple_into(acc, 0, acc0)
+                if PG > 1:
+                    tuple_into(acc, WG_REGS, acc1)
+
+            for kt in range(k_tiles if not WGMMA else 0):
                 wait_for_stage()  # this thread's copies of k-tile kt have landed ...
                 cuda.syncthreads()  # ... everybody's too, and stage (kt - 1) % STAGES is free again
-                nxt = kt + STAGES - 1
+                nxt = kt + AHEAD
                 if nxt < k_tiles:
                     load_stage(smem, nxt % STAGES, nxt, k_steps, a_words, b_words, a_pass,
                                a_src, a_dst, a_step, a_bytes, b_src, b_dst, b_step, b_bytes)

@@ -29,6 +29,17 @@ int8 tensor-core products, for operands stored as bytes (``reference``: byte pac
 Its fragments are the m16n8k256 ones word for word (a word is 4 consecutive k), so the
 same shared-memory stages and ldmatrix loads feed it: one k-step is 32 bytes either way.
 
+Warpgroup products (sm_90a: numba builds for ``sm_90a`` on an H100), operands from shared memory::
+
+    wgmma.mma_async.sync.aligned.m64n{N}k256.s32.b1.b1.and.popc  {d}, desc_a, desc_b, p;
+        D[64 x N] = popc(A[64 x 256 bits] AND B[256 bits x N]) + (p ? D : 0)
+
+issued by the 128 threads of a warpgroup (warp w holds rows 16w .. 16w + 15 of D; per n8 column
+group c it holds registers 4c .. 4c + 3 laid out as an m16n8 fragment above).  A and B are
+K-major tiles described by 64-bit matrix descriptors (``smem_desc``): rows of 32, 64 or 128 bytes
+(one, two or four k-steps) whose 16-byte chunks are XOR-swizzled in atoms of 8 rows - exactly the
+layout ``apmm`` stages use for 1, 2 or 4 k-steps a stage.  Checked on the H100 against numpy.
+
 Why AND only: on sm_90 the ``.xor.popc`` form is not native - ptxas expands it
 into two AND BMMAs plus NOTs and it runs 6.5x slower (see
 ``shared/notes/hopper-b1-and-numba.md``).  Every encoding apnumba supports is
@@ -70,7 +81,21 @@ __all__ = [
     "f32_mul_rn",
     "f32_add_rn",
     "f32_rint",
+    "wgmma_b1",
+    "wgmma_fence",
+    "wgmma_commit",
+    "wgmma_wait",
+    "fence_proxy_async",
+    "zeros_i32",
+    "pin_registers",
+    "smem_desc",
+    "smem_addr",
+    "tuple_into",
+    "DESC_SWIZZLE",
 ]
+
+# Matrix-descriptor swizzle code and stride between 8-row atoms (bytes), by the bytes of a K-major row.
+DESC_SWIZZLE = {32: (3, 256), 64: (2, 512), 128: (1, 1024)}
 
 # Alignment for shared arrays read by ldmatrix / written by cp.async (16 bytes at
 # least); the simulator's shared arrays take no alignment argument.
@@ -103,6 +128,16 @@ if SIMULATOR:
         f32_mul_rn,
         f32_add_rn,
         f32_rint,
+        wgmma_b1,
+        wgmma_fence,
+        wgmma_commit,
+        wgmma_wait,
+        fence_proxy_async,
+        zeros_i32,
+        pin_registers,
+        smem_desc,
+        smem_addr,
+        tuple_into,
     )
 else:
     from llvmlite import ir
@@ -472,3 +507,133 @@ else:
     def f32_rint(x):
         """Round float32 to the nearest integer, ties to even (numpy's ``rint``)."""
         return cuda.libdevice.rintf(x)
+
+    # ---- warpgroup products (sm_90a) -----------------------------------------------------------
+
+    def _void_asm(text, doc):
+        @intrinsic
+        def f(typingctx):
+            def codegen(context, builder, sig, args):
+                builder.call(ir.InlineAsm(ir.FunctionType(ir.VoidType(), []), text, "~{memory}", side_effect=True), [])
+                return context.get_dummy_value()
+
+            return types.void(), codegen
+
+        f.__doc__ = doc
+        return f
+
+    wgmma_fence = _void_asm("wgmma.fence.sync.aligned;", "Order register and shared accesses before the next wgmma.")
+    wgmma_commit = _void_asm("wgmma.commit_group.sync.aligned;", "Close the group of wgmma issued so far.")
+    fence_proxy_async = _void_asm(
+        "fence.proxy.async.shared::cta;",
+        "Make this thread's shared-memory writes (cp.async included, once waited for) visible to wgmma's reads.")
+
+    @functools.lru_cache(maxsize=None)
+    def wgmma_wait(pending):
+        """An intrinsic that waits until at most ``pending`` wgmma groups are in flight."""
+        return _void_asm(f"wgmma.wait_group.sync.aligned {int(pending)};", wgmma_wait.__doc__)
+
+    def _tuple_values(builder, value, n):
+        return [builder.extract_value(value, i) for i in range(n)]
+
+    @functools.lru_cache(maxsize=None)
+    def zeros_i32(n):
+        """An intrinsic returning a UniTuple of ``n`` int32 zeros (wgmma accumulators)."""
+
+        @intrinsic
+        def zeros(typingctx):
+            def codegen(context, builder, sig, args):
+                return context.make_tuple(builder, sig.return_type, [ir.Constant(_i32, 0)] * n)
+
+            return types.UniTuple(types.int32, n)(), codegen
+
+        return zeros
+
+    @functools.lru_cache(maxsize=None)
+    def pin_registers(n):
+        """An intrinsic passing a UniTuple of ``n`` int32 through an empty volatile asm: after
+        ``wgmma_wait(0)`` nothing reads the accumulators before the wait."""
+
+        @intrinsic
+        def pin(typingctx, acc):
+            def codegen(context, builder, sig, args):
+                cons = ",".join(["=r"] * n + [str(i) for i in range(n)] + ["~{memory}"])
+                fnty = ir.FunctionType(ir.LiteralStructType([_i32] * n), [_i32] * n)
+                res = builder.call(ir.InlineAsm(fnty, "", cons, side_effect=True), _tuple_values(builder, args[0], n))
+                return context.make_tuple(builder, sig.return_type, _tuple_values(builder, res, n))
+
+            return acc(acc), codegen
+
+        return pin
+
+    @functools.lru_cache(maxsize=None)
+    def wgmma_b1(n):
+        """An intrinsic ``acc = mma(acc, desc_a, desc_b, accumulate)`` for one
+        ``wgmma m64n{n}k256 .b1 .and.popc`` of the calling warpgroup (``acc``: n / 2 int32 a thread;
+        ``accumulate`` 0 ignores the old values).  Asynchronous: commit, then wait, before reading acc."""
+        if n % 8 or not 8 <= n <= 256:
+            raise ValueError(f"n: expected a multiple of 8 in 8..256, got {n}")
+        regs = n // 2
+        d = ",".join(f"${i}" for i in range(regs))
+        text = (f"{{ .reg .pred p; setp.ne.b32 p, ${2 * regs + 2}, 0; "
+                f"wgmma.mma_async.sync.aligned.m64n{n}k256.s32.b1.b1.and.popc {{{d}}}, ${2 * regs}, ${2 * regs + 1}, p; }}")
+        cons = ",".join(["=r"] * regs + [str(i) for i in range(regs)] + ["l", "l", "r", "~{memory}"])
+        fnty = ir.FunctionType(ir.LiteralStructType([_i32] * regs), [_i32] * regs + [ir.IntType(64)] * 2 + [_i32])
+
+        @intrinsic
+        def mma(typingctx, acc, desc_a, desc_b, accumulate):
+            if not (isinstance(acc, types.UniTuple) and acc.count == regs):
+                raise TypeError(f"wgmma_b1({n}): acc must be a UniTuple of {regs} int32, got {acc}")
+
+            def codegen(context, builder, sig, args):
+                da = context.cast(builder, args[1], sig.args[1], types.uint64)
+                db = context.cast(builder, args[2], sig.args[2], types.uint64)
+                acc_on = context.cast(builder, args[3], sig.args[3], types.int32)
+                res = builder.call(ir.InlineAsm(fnty, text, cons, side_effect=True),
+                                   _tuple_values(builder, args[0], regs) + [da, db, acc_on])
+                return context.make_tuple(builder, sig.return_type, _tuple_values(builder, res, regs))
+
+            return acc(acc, desc_a, desc_b, accumulate), codegen
+
+        return mma
+
+    @intrinsic
+    def smem_addr(typingctx, smem, index):
+        """Shared-window byte address of ``smem[index]`` (uint32)."""
+        _check_word_array("smem_addr", smem)
+
+        def codegen(context, builder, sig, args):
+            return _shared_address(context, builder, sig.args[0], args[0], args[1], sig.args[1])
+
+        return types.uint32(smem, index), codegen
+
+    @intrinsic
+    def smem_desc(typingctx, smem, index, fields):
+        """wgmma matrix descriptor of the K-major tile at ``smem[index]``: its address / 16 in bits 0-13,
+        OR'ed with ``fields`` (leading / stride byte offsets / 16 at bits 16 / 32, swizzle code at bit 62)."""
+        _check_word_array("smem_desc", smem)
+
+        def codegen(context, builder, sig, args):
+            i64 = ir.IntType(64)
+            addr = builder.zext(_shared_address(context, builder, sig.args[0], args[0], args[1], sig.args[1]), i64)
+            start = builder.and_(builder.lshr(addr, ir.Constant(i64, 4)), ir.Constant(i64, 0x3FFF))
+            return builder.or_(start, context.cast(builder, args[2], sig.args[2], types.uint64))
+
+        return types.uint64(smem, index, fields), codegen
+
+    @intrinsic
+    def tuple_into(typingctx, array, start, values):
+        """``array.ravel()[start + k] = values[k]`` for every k, each store at a constant offset (a loop
+        indexing the tuple would spill it to the stack); ``array`` C-contiguous, e.g. a local array."""
+        if not (isinstance(values, types.UniTuple) and isinstance(array, types.Array)):
+            raise TypeError(f"tuple_into: expected an array and a UniTuple, got {array}, {values}")
+
+        def codegen(context, builder, sig, args):
+            data = context.make_array(sig.args[0])(context, builder, value=args[0]).data
+            first = context.cast(builder, args[1], sig.args[1], types.intp)
+            for k in range(sig.args[2].count):
+                v = context.cast(builder, builder.extract_value(args[2], k), sig.args[2].dtype, sig.args[0].dtype)
+                builder.store(v, builder.gep(data, [builder.add(first, ir.Constant(first.type, k))]))
+            return context.get_dummy_value()
+
+        return types.void(array, start, values), codegen

@@ -63,12 +63,17 @@ def _tool_env():
     return env
 
 
-def compile_kernel(pyfunc, signature, cc=(9, 0)):
-    """PTX and SASS of ``pyfunc`` (a kernel's Python function) for compute capability ``cc``."""
+def compile_kernel(pyfunc, signature, cc=(9, 0), launch_bounds=None):
+    """PTX and SASS of ``pyfunc`` (a kernel's Python function) for compute capability ``cc``
+    ((9, 0, "a") for sm_90a, whose wgmma a plain sm_90 build rejects).  ``pyfunc`` may be a kernel
+    (``cuda.jit`` dispatcher): its launch bounds, if any, apply."""
+    if launch_bounds is None and hasattr(pyfunc, "py_func"):
+        launch_bounds = pyfunc.targetoptions.get("launch_bounds")
+    pyfunc = getattr(pyfunc, "py_func", pyfunc)
     from cuda.core import Linker, LinkerOptions, ObjectCode
 
-    ptx, _ = cuda.compile_ptx(pyfunc, signature, cc=cc)
-    linker = Linker(ObjectCode.from_ptx(ptx.encode()), options=LinkerOptions(arch=f"sm_{cc[0]}{cc[1]}", verbose=True))
+    ptx, _ = cuda.compile_ptx(pyfunc, signature, cc=cc, launch_bounds=launch_bounds)
+    linker = Linker(ObjectCode.from_ptx(ptx.encode()), options=LinkerOptions(arch=f"sm_{cc[0]}{cc[1]}{''.join(cc[2:])}", verbose=True))
     cubin = linker.link("cubin")
     log = linker.get_info_log() or ""
     with tempfile.TemporaryDirectory() as tmp:

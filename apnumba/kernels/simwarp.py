@@ -227,3 +227,33 @@ def f32_add_rn(x, y):
 
 def f32_rint(x):
     return np.rint(np.float32(x))
+
+
+def _no_wgmma(*args):
+    raise NotImplementedError("wgmma (warpgroup tensor-core products) has no CUDA-simulator fallback: "
+                              "use a TileConfig without wgmma in the simulator")
+
+
+def wgmma_b1(n):
+    return _no_wgmma
+
+
+wgmma_fence = wgmma_commit = fence_proxy_async = smem_desc = smem_addr = _no_wgmma
+
+
+def wgmma_wait(pending):
+    return _no_wgmma
+
+
+def zeros_i32(n):
+    return _no_wgmma
+
+
+def pin_registers(n):
+    return _no_wgmma
+
+
+def tuple_into(array, start, values):
+    flat = array.reshape(-1)
+    for k, v in enumerate(values):
+        flat[start + k] = v
