@@ -11,7 +11,8 @@ import numpy as np
 
 from apnumba.kernels.apmm import TileConfig
 from apnumba.precision import Precision
-from apnumba.tuning import default_config
+from apnumba.device import compute_capability
+from apnumba.tuning import default_config, hopper_config, wgmma_config
 from tests.helpers import check_apmm, check_conv, check_conv_packed, check_image_conv, check_pack, check_pooling_and_add
 
 
@@ -27,6 +28,8 @@ def main():
         ("b1", "u3", TileConfig(1, 1, 2, 1, 4, 0, 4, 8)),  # K split over 4 warps
         ("s4", "u2", TileConfig(1, 1, 1, 3, 2, 2)),  # odd n-tiles, plane groups
     ]
+    if compute_capability() == (9, 0):  # the warpgroup (wgmma) tiles: an H100's default for large products
+        cases += [("b1", "u2", hopper_config(1, 2, 8192, 8192, 8192)), ("s4", "u4", wgmma_config(4, 4, 2, 2))]
     for pw, px, cfg in cases:
         for M, N, K in [(130, 70, 1100), (5, 3, 40)]:
             check_apmm(rng, Precision.parse(pw), Precision.parse(px), M, N, K, cfg, out_float=pw == "s2")
