@@ -625,16 +625,17 @@ def _build(p, q, config, out, conv, mma, epilogue=None, word_taps=False):
                 if PG > 1:
                     tuple_into(acc, WG_REGS, acc1)
 
-            for kt in range(k_tiles if not WGMMA else 0):
-                wait_for_stage()  # this thread's copies of k-tile kt have landed ...
-                cuda.syncthreads()  # ... everybody's too, and stage (kt - 1) % STAGES is free again
-                nxt = kt + AHEAD
-                if nxt < k_tiles:
-                    load_stage(smem, nxt % STAGES, nxt, k_steps, a_words, b_words, a_pass,
-                               a_src, a_dst, a_step, a_bytes, b_src, b_dst, b_step, b_bytes)
-                cp_async_commit()
+            else:
+                for kt in range(k_tiles):
+                    wait_for_stage()  # this thread's copies of k-tile kt have landed ...
+                    cuda.syncthreads()  # ... everybody's too, and stage (kt - 1) % STAGES is free again
+                    nxt = kt + AHEAD
+                    if nxt < k_tiles:
+                        load_stage(smem, nxt % STAGES, nxt, k_steps, a_words, b_words, a_pass,
+                                   a_src, a_dst, a_step, a_bytes, b_src, b_dst, b_step, b_bytes)
+                    cp_async_commit()
 
-                compute_stage(smem, (kt % STAGES) * STAGE_WORDS, warp_k, lanes, acc, a_frag, b_frag)
+                    compute_stage(smem, (kt % STAGES) * STAGE_WORDS, warp_k, lanes, acc, a_frag, b_frag)
 
             # Epilogue step 1: plane pairs weighted cw_j * cx_i -> the int32 output tile in shared
             # memory.  With one pass it lies over the stages, so wait until every warp is done.

@@ -419,37 +419,26 @@ else:
     cp_async_4 = intrinsic(_cp_async(4, "ca"))
     cp_async_4.__doc__ = "Copy 4 bytes global -> shared (``cp.async.ca``: .cg takes 16 only); src_bytes 0 or 4."
 
-    @intrinsic
-    def cp_async_commit(typingctx):
-        """Close the group of cp.async copies issued so far (``cp.async.commit_group``)."""
-
-        def codegen(context, builder, sig, args):
-            asm = ir.InlineAsm(ir.FunctionType(ir.VoidType(), []), "cp.async.commit_group;", "~{memory}", side_effect=True)
-            builder.call(asm, [])
-            return context.get_dummy_value()
-
-        return types.void(), codegen
-
-    @functools.lru_cache(maxsize=None)
-    def cp_async_wait(pending):
-        """An intrinsic that waits until at most ``pending`` cp.async groups are in flight."""
-        pending = int(pending)
+    def _void_asm(text, doc):
+        """An intrinsic of no operands that emits ``text`` (volatile, a memory clobber)."""
 
         @intrinsic
-        def wait(typingctx):
+        def f(typingctx):
             def codegen(context, builder, sig, args):
-                asm = ir.InlineAsm(
-                    ir.FunctionType(ir.VoidType(), []),
-                    f"cp.async.wait_group {pending};",
-                    "~{memory}",
-                    side_effect=True,
-                )
-                builder.call(asm, [])
+                builder.call(ir.InlineAsm(ir.FunctionType(ir.VoidType(), []), text, "~{memory}", side_effect=True), [])
                 return context.get_dummy_value()
 
             return types.void(), codegen
 
-        return wait
+        f.__doc__ = doc
+        return f
+
+    cp_async_commit = _void_asm("cp.async.commit_group;", "Close the group of cp.async copies issued so far.")
+
+    @functools.lru_cache(maxsize=None)
+    def cp_async_wait(pending):
+        """An intrinsic that waits until at most ``pending`` cp.async groups are in flight."""
+        return _void_asm(f"cp.async.wait_group {int(pending)};", cp_async_wait.__doc__)
 
     @intrinsic
     def ballot(typingctx, predicate):
@@ -509,18 +498,6 @@ else:
         return cuda.libdevice.rintf(x)
 
     # ---- warpgroup products (sm_90a) -----------------------------------------------------------
-
-    def _void_asm(text, doc):
-        @intrinsic
-        def f(typingctx):
-            def codegen(context, builder, sig, args):
-                builder.call(ir.InlineAsm(ir.FunctionType(ir.VoidType(), []), text, "~{memory}", side_effect=True), [])
-                return context.get_dummy_value()
-
-            return types.void(), codegen
-
-        f.__doc__ = doc
-        return f
 
     wgmma_fence = _void_asm("wgmma.fence.sync.aligned;", "Order register and shared accesses before the next wgmma.")
     wgmma_commit = _void_asm("wgmma.commit_group.sync.aligned;", "Close the group of wgmma issued so far.")
