@@ -16,7 +16,7 @@ from . import reference, tuning
 from .device import check_accumulator, is_device_array, require_gpu, zero_fill
 from .kernels.apmm import apconv_kernel
 from .kernels.launch import CompiledKernel
-from .matmul import _coef, _ones_zeros, _vector
+from .matmul import _check_wgmma, _coef, _ones_zeros, _vector, _wgmma_ok
 from .packed import PackedTensor
 from .precision import Precision, check_zero_point, normalize_scale
 
@@ -81,12 +81,16 @@ def _geometry(values):
     return cuda.to_device(np.asarray(values, np.int32))
 
 
-def conv_config(p, q, M, N, K, packed=False):
-    """The cost model's best tile with at most 16 mma per warp (the gather keeps more registers live);
-    a packed output needs whole 32-channel words per block (block_m a multiple of 32).  Where the grid
-    has blocks for two per SM, one k-step a stage: more k-steps a stage cost ~40 registers, so one block
-    per SM instead of two, and were 1.3-1.6x slower on every ResNet-18 3x3 layer at batch 256 (H100).
+def conv_config(p, q, M, N, K, packed=False, mma="b1"):
+    """On an H100, ``tuning.hopper_conv_config`` where the grid is large (a wgmma tile).  Else the cost
+    model's best tile with at most 16 mma per warp (the gather keeps more registers live); a packed
+    output needs whole 32-channel words per block (block_m a multiple of 32).  Where the grid has blocks
+    for two per SM, one k-step a stage: more k-steps a stage cost ~40 registers, so one block per SM
+    instead of two, and were 1.3-1.6x slower on every ResNet-18 3x3 layer at batch 256 (H100).
     96 or 192 output channels may take 96-row tiles (three m16 tiles a warp): no idle padding rows."""
+    hopper = tuning.hopper_conv_config(p, q, M, N, K) if _wgmma_ok(mma) else None
+    if hopper is not None:
+        return hopper
     for cfg in tuning.candidates(p, q, M, N, K, limit=64, three_m_tiles=True):
         if (cfg.mma_per_step(p, q) <= 16 and cfg.shared_bytes(p, q, True) <= tuning.MAX_SHARED_PER_BLOCK
                 and not (packed and cfg.block_m % 32)):
@@ -203,7 +207,8 @@ def prepare_apconv(x, w, stride=1, padding=0, *, out=None, scale=None, bias=None
             raise ValueError(f"{name}: {t.words.size} packed words, at most 2**31 - 1 (8 GiB) per tensor: split the batch")
     p, q, packing = w.planes, x.planes, x.packing
     mma = reference.mma_kind(w.precision, x.precision, packing)
-    cfg = config or conv_config(p, q, M, Npix, w.kwords * 32, packed)
+    cfg = config or conv_config(p, q, M, Npix, w.kwords * 32, packed, mma)
+    _check_wgmma(cfg, mma)
     dw, dx = reference.operand_coef(w.precision, packing)[1], reference.operand_coef(x.precision, packing)[1]
     ew, ex = dw - w.zero_point, dx - x.zero_point
     whole_rows = M <= cfg.block_m  # one block holds every channel of a pixel: it stores the row sum

@@ -12,7 +12,8 @@ import numpy as np
 from numba import cuda, float32, int32, uint32
 
 from . import reference, tuning
-from .device import as_device_array, check_accumulator, compute_capability, device_name, is_device_array, require_gpu
+from .device import (as_device_array, check_accumulator, compute_capability, device_name, gpu_available, is_device_array,
+                     require_gpu)
 from .kernels.apmm import apmm_kernel
 from .kernels.launch import CompiledKernel
 from .kernels.ptx import SIMULATOR
@@ -77,8 +78,15 @@ def _model_k(K, mma):
 
 
 def _wgmma_ok(mma="b1"):
-    """wgmma (sm_90a) tiles run here: an sm_90 GPU (numba builds its kernels for sm_90a), b1 planes."""
-    return mma == "b1" and not SIMULATOR and compute_capability() == (9, 0)
+    """wgmma (sm_90a) tiles run here: an sm_90 GPU (numba builds its kernels for sm_90a), b1 planes
+    (False without a GPU: tile choices are also made - and tested - on machines without one)."""
+    return mma == "b1" and not SIMULATOR and gpu_available() and compute_capability() == (9, 0)
+
+
+def _check_wgmma(cfg, mma):
+    if cfg.wgmma and not _wgmma_ok(mma):
+        raise ValueError(f"config: {cfg.short()} is a wgmma tile: it needs an sm_90 GPU (H100 / H200) and bit planes, "
+                         f"this is compute capability {compute_capability()} with {mma!r} operands")
 
 
 def choose_config(p, q, M, N, K, out_float, autotune=False, mma="b1"):
@@ -172,9 +180,7 @@ def prepare_apmm(w, x, *, out=None, scale=None, bias=None, out_dtype=None, layou
     p, q, packing = w.planes, x.planes, w.packing
     mma = reference.mma_kind(w.precision, x.precision, packing)
     cfg = config or choose_config(p, q, M, N, K, out_float, autotune, mma)
-    if cfg.wgmma and not _wgmma_ok(mma):
-        raise ValueError(f"config: {cfg.short()} is a wgmma tile: it needs an sm_90 GPU (H100 / H200) and bit planes, "
-                         f"this is compute capability {compute_capability()} with {mma!r} operands")
+    _check_wgmma(cfg, mma)
     grid = (-(-N // cfg.block_n), -(-M // cfg.block_m))
     stride_m, stride_n = (N, 1) if layout == "mn" else (1, M)
     c_sw, c_sx, c_const = reference.correction_terms(w.precision, x.precision, K, w.zero_point, x.zero_point, packing)

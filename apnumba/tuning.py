@@ -147,15 +147,35 @@ def hopper_config(p, q, M, N, K):
     return cfg if blocks >= WGMMA_MIN_WAVES * SMS else None
 
 
-def wgmma_config(p, q, warpgroups=2, steps=2):
-    """The warpgroup (sm_90a wgmma) tile for w{p}a{q}: ``warpgroups`` x 64 rows, at most two weight planes
-    a pass, as many columns as 128 accumulator registers hold (plane group x q x block_n = 256), the
-    deepest ring of ``steps``-k-step stages that fits in shared memory; None where no such tile exists."""
+WGMMA_CONV_MIN_WAVES = 4  # measured at batch 256 only (ResNet-18's 3x3 layers: 5-200 blocks per SM)
+
+
+def hopper_conv_config(p, q, M, N, K):
+    """On sm_90, convolutions with many blocks run on wgmma tiles of 64 output pixels and 128 weight rows
+    a stage (two warpgroups of one weight plane, or one of two planes; one where M <= 64), four stages of
+    one k-step.  H100, ResNet-18's 3x3 layers at batch 256 with the fused epilogue, against the mma.sync
+    tiles in the same run: w1a2 4-13% and w2a2 7-19% less time (their K is 9-36 k-steps: the pipeline
+    fill and the epilogue weigh as much as the products); the whole network 4,470 -> 4,239 us.  None below
+    WGMMA_CONV_MIN_WAVES blocks per SM, for one k-step (K <= 256: the 1x1 downsamples were 1-7% slower),
+    or where the weight planes take several passes (w4a4, w8a8: not measured)."""
     group = 2 if p % 2 == 0 else 1
-    block_n = (256 // (group * q)) // 8 * 8
+    warpgroups = 1 if group == 2 or M <= 64 else 2
+    cfg = wgmma_config(p, q, warpgroups, 1, columns=min(256, 64 * group * q), max_stages=4)
+    if cfg is None or cfg.passes(p) > 1 or K <= 256 or -(-M // cfg.block_m) * -(-N // cfg.block_n) < WGMMA_CONV_MIN_WAVES * SMS:
+        return None
+    return cfg
+
+
+def wgmma_config(p, q, warpgroups=2, steps=2, columns=256, max_stages=8):
+    """The warpgroup (sm_90a wgmma) tile for w{p}a{q}: ``warpgroups`` x 64 rows, at most two weight planes
+    a pass, as many columns as ``columns`` / 2 accumulator registers hold (plane group x q x block_n =
+    columns), the deepest ring (at most ``max_stages``) of ``steps``-k-step stages that fits in shared memory;
+    None where no such tile exists."""
+    group = 2 if p % 2 == 0 else 1
+    block_n = (columns // (group * q)) // 8 * 8
     if block_n < 8:
         return None
-    for stages in range(8, 2, -1):
+    for stages in range(max_stages, 2, -1):
         cfg = TileConfig(4 * warpgroups, 1, 1, block_n // 8, stages, 0 if group == p else group, 1,
                          0 if steps == 1 else steps, min_blocks=1 if warpgroups > 2 else 0, wgmma=True)
         if cfg.shared_bytes(p, q) <= MAX_SHARED_PER_BLOCK:

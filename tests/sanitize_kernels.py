@@ -2,10 +2,13 @@
 
     compute-sanitizer --tool memcheck  python tests/sanitize_kernels.py
     compute-sanitizer --tool racecheck python tests/sanitize_kernels.py
+    compute-sanitizer --tool racecheck python tests/sanitize_kernels.py wgmma   # the warpgroup tiles only
 
 Small problems (the tools are slow); every result is also checked against the reference.
 Not collected by pytest (no test_ prefix).
 """
+
+import sys
 
 import numpy as np
 
@@ -16,8 +19,27 @@ from apnumba.tuning import default_config, hopper_config, wgmma_config
 from tests.helpers import check_apmm, check_conv, check_conv_packed, check_image_conv, check_pack, check_pooling_and_add
 
 
+def wgmma_cases(rng):
+    """The warpgroup (sm_90a) tiles: APMM (the H100's default for large products, a two-pass one) and
+    convolutions (int32, the fused epilogue with a residual over several blocks, pooling)."""
+    for pw, px, cfg in [("b1", "u2", hopper_config(1, 2, 8192, 8192, 8192)), ("s4", "u4", wgmma_config(4, 4, 2, 2))]:
+        for M, N, K in [(130, 70, 1100), (5, 3, 40)]:
+            check_apmm(rng, Precision.parse(pw), Precision.parse(px), M, N, K, cfg, out_float=pw == "s4")
+        print(f"apmm {pw} {px} {cfg.short()}: clean run, exact", flush=True)
+    check_conv(rng, Precision.parse("u2"), Precision.parse("b1"), (2, 9, 10, 40), 72, 3, 2, 1, wgmma_config(1, 2, 2, 1, 128, 4))
+    check_conv_packed(rng, Precision.parse("u2"), Precision.parse("s2"), (1, 8, 8, 64), 200, 3, 1, 1,
+                      Precision.parse("u2"), residual_precision=Precision.parse("s3"), config=wgmma_config(2, 2, 1, 1, 256, 4))
+    check_conv_packed(rng, Precision.parse("u2"), Precision.parse("b1"), (2, 9, 11, 40), 64, 3, 1, 1,
+                      Precision.parse("u2"), pool="max", config=wgmma_config(1, 2, 1, 1, 128, 4))
+    print("apconv on warpgroup tiles: clean run, exact", flush=True)
+
+
 def main():
     rng = np.random.default_rng(7)
+    if sys.argv[1:] == ["wgmma"]:
+        wgmma_cases(rng)
+        print("all sanitizer cases match the reference")
+        return
     check_pack(rng, 37, 300, Precision.parse("s3"))
     check_pack(rng, 5, 1000, Precision.parse("b1"), np.float16)
     cases = [
@@ -28,8 +50,6 @@ def main():
         ("b1", "u3", TileConfig(1, 1, 2, 1, 4, 0, 4, 8)),  # K split over 4 warps
         ("s4", "u2", TileConfig(1, 1, 1, 3, 2, 2)),  # odd n-tiles, plane groups
     ]
-    if compute_capability() == (9, 0):  # the warpgroup (wgmma) tiles: an H100's default for large products
-        cases += [("b1", "u2", hopper_config(1, 2, 8192, 8192, 8192)), ("s4", "u4", wgmma_config(4, 4, 2, 2))]
     for pw, px, cfg in cases:
         for M, N, K in [(130, 70, 1100), (5, 3, 40)]:
             check_apmm(rng, Precision.parse(pw), Precision.parse(px), M, N, K, cfg, out_float=pw == "s2")
@@ -41,6 +61,10 @@ def main():
     for pool in ("max", "avg"):  # fused 2x2/2 pooling: window-ordered rows, odd sizes
         check_conv_packed(rng, Precision.parse("u2"), Precision.parse("s2"), (2, 9, 11, 40), 40, 3, 1, 1,
                           Precision.parse("u2"), pool=pool)
+    check_conv_packed(rng, Precision.parse("u2"), Precision.parse("b1"), (1, 8, 8, 64), 200, 3, 1, 1,
+                      Precision.parse("u2"), config=TileConfig(2, 2, 3, 2, 4))  # a row's last tile past its words
+    if compute_capability() == (9, 0):
+        wgmma_cases(rng)
     check_pooling_and_add(rng, (2, 6, 7, 40), Precision.parse("u2"), 1)
     # Byte packing: the int8 mma, the byte packers (rows; an image's pixels), a byte conv with the fused
     # epilogue storing whole rows' sums, and a stem reading the image's bytes one word a tap (several tiles

@@ -15,7 +15,7 @@ from apnumba.kernels import pack, probe
 from apnumba.kernels.apmm import TileConfig, apconv_kernel, apmm_kernel
 from apnumba.kernels.ptx import SIMULATOR
 from apnumba.matmul import _signature
-from apnumba.tuning import default_config, hopper_config, wgmma_config
+from apnumba.tuning import default_config, hopper_config, hopper_conv_config, wgmma_config
 
 pytestmark = pytest.mark.skipif(SIMULATOR, reason="PTX/SASS tests need the real numba.cuda, not the simulator")
 
@@ -209,8 +209,8 @@ def test_wgmma_tiles_are_checked():
         TileConfig(4, 2, 1, 8, 4, wgmma=True)
     with pytest.raises(ValueError, match="wgmma"):
         apmm_kernel(1, 8, TileConfig(4, 1, 1, 8, 4, wgmma=True), False)  # 8 planes x 64 columns > 256
-    with pytest.raises(ValueError, match="no wgmma path"):
-        apconv_kernel(1, 1, TileConfig(4, 1, 1, 8, 4, wgmma=True), "i32")
+    with pytest.raises(ValueError, match="wgmma takes b1 planes"):
+        apconv_kernel(1, 1, TileConfig(4, 1, 1, 8, 4, wgmma=True), "i32", "s8.s8")
     assert wgmma_config(1, 2, 3, 2).short() == "12x1w1x16t8sx2b1W"
     assert wgmma_config(2, 2, 2, 2).block_n == 64 and wgmma_config(8, 8, 2, 2).passes(8) == 4
     # what an H100 runs by default: three warpgroups where one pass holds every weight plane, else two
@@ -218,6 +218,33 @@ def test_wgmma_tiles_are_checked():
         cfg = hopper_config(p, q, 8192, 8192, 8192)
         assert (p, q, cfg.threads // 128, cfg.steps) in WGMMA, (p, q, cfg.short())
     assert hopper_config(1, 2, 8192, 8, 8192) is None and hopper_config(1, 2, 8192, 8192, 2048) is None
+    # convolutions: 64 pixels x 128 weight rows a stage where the grid has >= 4 blocks per SM, one plane pass
+    assert hopper_conv_config(1, 2, 256, 256 * 14 * 14, 9 * 256).short() == "8x1w1x8t4sW"
+    assert hopper_conv_config(2, 2, 256, 256 * 14 * 14, 9 * 256).short() == "4x1w1x8t4sW"
+    assert hopper_conv_config(1, 2, 64, 256 * 56 * 56, 9 * 64).block_m == 64
+    assert hopper_conv_config(1, 2, 512, 8 * 7 * 7, 9 * 512) is None and hopper_conv_config(4, 4, 256, 256 * 196, 2304) is None
+    assert hopper_conv_config(1, 2, 256, 256 * 14 * 14, 256) is None  # a 1x1 conv of one k-step
+
+
+CONV_WGMMA = [(1, 2, 256, "pack"), (1, 2, 256, "i32"), (1, 2, 64, "pack_max"), (2, 2, 512, "pack"), (2, 2, 64, "f32"),
+              (1, 1, 256, "pack"), (1, 4, 128, "i32")]
+
+
+@pytest.mark.parametrize("p,q,M,out", CONV_WGMMA, ids=[f"w{p}a{q}-{M}-{o}" for p, q, M, o in CONV_WGMMA])
+def test_apconv_wgmma_sm90a(p, q, M, out):
+    """The convolution tiles an H100 picks at batch 256: one BGMMA per weight plane of a k-step, no XOR,
+    no routine, nothing on the stack (two planes' accumulators in one warpgroup of 128 threads: up to ~190 registers)."""
+    from apnumba.conv import _signature as conv_signature
+
+    cfg = hopper_conv_config(p, q, M, 256 * 14 * 14, 9 * 256)
+    epilogue = (2, 0, 0, 0, M <= cfg.block_m, 0 if out == "pack_max" else 3) if out.startswith("pack") else None
+    c = sass.compile_kernel(apconv_kernel(p, q, cfg, out, "b1", epilogue).py_func, conv_signature(out), (9, 0, "a"))
+    ops = c.opcodes()
+    shape = f"BGMMA.64x{q * cfg.block_n}x256.AND.POPC"
+    assert c.sass.count(shape) == cfg.group(p), f"expected {shape} in SASS, got {sorted(k for k in ops if 'MMA' in k)}"
+    assert not [k for k in ops if "XOR" in k or k.startswith("CALL.ABS")]
+    assert c.stack_bytes == 0 and c.spill_bytes == 0 and c.registers <= 200, (c.registers, c.spill_bytes)
+    print(f"apconv w{p}a{q} {cfg.short()} {out}: {c.registers} registers")
     assert hopper_config(1, 2, 4096, 4096, 4096) is None and hopper_config(1, 2, 8192, 4096, 4100) is not None
 
 

@@ -243,6 +243,40 @@ def test_apconv_zero_points(rng):
     check_conv(rng, Precision.parse("u4"), Precision.parse("u3"), (2, 12, 12, 50), 48, 3, 2, 1, zx=5, zw=2)
 
 
+@requires_sm90
+@pytest.mark.parametrize("p,q", [(1, 1), (1, 2), (2, 2), (1, 4), (4, 4), (8, 8), (3, 5)])
+def test_apconv_wgmma_every_encoding(rng, p, q):
+    """The convolution on warpgroup tiles (one and two warpgroups, one and two k-steps a stage): every
+    encoding pair, with a border, ragged channels (45: taps of two words, two a k-step) and a stride."""
+    for cfg in (wgmma_config(p, q, 2, 1), wgmma_config(p, q, 1, 2)):
+        for pw, px in itertools.product(precisions(p), precisions(q)):
+            check_conv(rng, px, pw, (2, 10, 11, 45), 70, 3, 1, 1, cfg, out_float=pw.encoding.value == "signed")
+        check_conv(rng, precisions(q)[-1], precisions(p)[0], (3, 15, 13, 300), 130, 3, 2, 1, cfg)
+
+
+@requires_sm90
+@pytest.mark.parametrize("image,K,k,stride,padding", CONV_GEOMETRY, ids=[f"{g[2]}x{g[2]}s{g[3]}p{g[4]}c{g[0][3]}" for g in CONV_GEOMETRY])
+def test_apconv_wgmma_geometries(rng, image, K, k, stride, padding):
+    """Every kernel size, stride and padding of the mma.sync tests (one-word taps of <= 32 channels too)
+    on the warpgroup tiles the H100 picks for convolutions."""
+    for px, pw in [("u2", "b1"), ("s2", "s2")]:
+        for cfg in (wgmma_config(1 if pw == "b1" else 2, 2, 2, 1), wgmma_config(1 if pw == "b1" else 2, 2, 3, 1)):
+            check_conv(rng, Precision.parse(px), Precision.parse(pw), image, K, k, stride, padding, cfg)
+
+
+@requires_sm90
+@pytest.mark.parametrize("out,residual,pool", [("u2", None, None), ("u2", "u2", None), ("s4", "s3", None), ("b1", None, "max"),
+                                               ("u3", None, "avg"), ("u8", None, None)])
+def test_apconv_wgmma_fused_epilogue(rng, out, residual, pool):
+    """The fused epilogue (thresholds, float32 with a residual, pooling) after warpgroup main loops: the same
+    fold and tile, one block holding all channels of a pixel or several adding row sums."""
+    for cfg in (wgmma_config(1, 2, 2, 1), wgmma_config(1, 2, 1, 1)):
+        for (image, K, k, stride, padding) in [((2, 14, 14, 64), 64, 3, 1, 1), ((2, 15, 15, 40), 200, 3, 2, 1)]:
+            check_conv_packed(rng, Precision.parse("u2"), Precision.parse("b1"), image, K, k, stride, padding,
+                              Precision.parse(out), relu=out.startswith("u"), config=cfg, pool=pool,
+                              residual_precision=residual and Precision.parse(residual))
+
+
 @pytest.mark.parametrize("out,residual", [("u2", None), ("u2", "u2"), ("b1", None), ("s4", "s3"), ("u8", "b1")])
 def test_apconv_fused_epilogue(rng, out, residual):
     for (image, K, k, stride, padding) in [((2, 14, 14, 64), 64, 3, 1, 1), ((1, 15, 15, 40), 72, 3, 2, 1)]:

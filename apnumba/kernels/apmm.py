@@ -45,7 +45,8 @@ splits p weight planes into p/pg passes over K when all pairs at once would
 need too many registers (w8a8): each pass folds its pairs into the output
 accumulators before the next starts.
 
-Warpgroup tiles (``TileConfig(wgmma=True)``, sm_90a; the default on an H100 for large products)
+Warpgroup tiles (``TileConfig(wgmma=True)``, sm_90a; on an H100 the default for large products and
+for convolutions with large grids - the conv kernel's gathered stages are the same rows)
 replace the ldmatrix + mma.sync k-step by ``wgmma m64n(q*BN)k256``, one per weight plane of the pass,
 read by the tensor cores straight from the stages::
 
@@ -206,11 +207,16 @@ class TileConfig:
 MMA_KINDS = ("b1", "s8.s8", "s8.u8", "u8.s8", "u8.u8")
 
 
-def _check_mma(mma, p, q):
+def _check_mma(mma, p, q, config):
     if mma not in MMA_KINDS:
         raise ValueError(f"mma: expected one of {MMA_KINDS}, got {mma!r}")
     if mma != "b1" and (p, q) != (1, 1):
         raise ValueError(f"mma: int8 operands are one plane of bytes each (p = q = 1), got p={p}, q={q}")
+    if config.wgmma:
+        regs = config.group(p) * q * config.block_n
+        if mma != "b1" or q * config.block_n > 256 or regs > 256 or config.group(p) > 2:
+            raise ValueError(f"config: wgmma takes b1 planes, q * block_n <= 256 columns and at most two weight planes a "
+                             f"pass of <= 256 columns in all, got p={p}, q={q}, mma={mma!r}, {config.short()}")
 
 
 @functools.lru_cache(maxsize=None)
@@ -222,12 +228,7 @@ def apmm_kernel(p, q, config, out_float, mma="b1"):
     Launch: grid (ceil(N / block_n), ceil(M / block_m)), block (config.threads,),
     dynamic shared memory config.shared_bytes(p, q).
     """
-    _check_mma(mma, p, q)
-    if config.wgmma:
-        regs = config.group(p) * q * config.block_n
-        if mma != "b1" or q * config.block_n > 256 or regs > 256 or config.group(p) > 2:
-            raise ValueError(f"config: wgmma takes b1 planes, q * block_n <= 256 columns and at most two weight planes a "
-                             f"pass of <= 256 columns in all, got p={p}, q={q}, mma={mma!r}, {config.short()}")
+    _check_mma(mma, p, q, config)
     return _build(p, q, config, out_float, conv=False, mma=mma)
 
 
@@ -255,9 +256,7 @@ def apconv_kernel(p, q, config, out, mma="b1", epilogue=None, word_taps=False):
     Launch: grid (ceil(N / block_n), ceil(M / block_m)), block (config.threads,),
     dynamic shared memory config.shared_bytes(p, q, conv=True).
     """
-    _check_mma(mma, p, q)
-    if config.wgmma:
-        raise ValueError(f"config: the convolution has no wgmma path yet, got {config.short()}")
+    _check_mma(mma, p, q, config)
     if out not in OUT_KINDS:
         raise ValueError(f"out: expected one of {OUT_KINDS}, got {out!r}")
     if out.startswith("pack") and config.block_m % 32:
@@ -489,6 +488,35 @@ def _build(p, q, config, out, conv, mma, epilogue=None, word_taps=False):
                              acc, a_frag, b_frag)
 
     @cuda.jit(device=True, inline="always")
+    def wgmma_stage(smem, base, wg_rows, acc0, acc1):
+        """A warpgroup's k-steps of the stage at ``base``, issued as one wgmma group: per k-step one
+        m64n(q * BN)k256 per weight plane of the pass (B's q planes are consecutive rows: one product).
+        Then wait for the previous stage's group (that stage may be refilled from the next iteration on)."""
+        wgmma_fence()
+        for step in range(STEPS):  # k-step s of a row starts s * 32 bytes in (the swizzle is the hardware's)
+            db = smem_desc(smem, base + A_ROWS * ROW_WORDS + step * K_STEP_WORDS, DESC_FIELDS)
+            acc0 = wg_mma(acc0, smem_desc(smem, base + wg_rows + step * K_STEP_WORDS, DESC_FIELDS), db, 1)
+            if PG > 1:
+                acc1 = wg_mma(acc1, smem_desc(smem, base + BM * ROW_WORDS + wg_rows + step * K_STEP_WORDS, DESC_FIELDS),
+                              db, 1)
+        wgmma_commit()
+        wg_wait_one()
+        return acc0, acc1
+
+    @cuda.jit(device=True, inline="always")
+    def wgmma_drain(acc, acc0, acc1):
+        """Wait for the last group and move the warpgroup accumulators into ``acc``.  The warpgroup fragment
+        is the m16n8 tiles the fold walks: n8 column group c of plane i's columns is register group
+        i * NT + c, so acc[j, i, 0, c, e] is register 4 (i NT + c) + e of plane j."""
+        wg_wait_all()
+        acc0 = wg_pin(acc0)
+        if PG > 1:
+            acc1 = wg_pin(acc1)
+        tuple_into(acc, 0, acc0)
+        if PG > 1:
+            tuple_into(acc, WG_REGS, acc1)
+
+    @cuda.jit(device=True, inline="always")
     def fold_into_tile(smem, ps, acc, pair_coef, coef_w, coef_x, warp_m, warp_n, warp_k, lane):
         """Epilogue step 1: plane pairs weighted cw_j * cx_i -> the int32 output tile in shared memory.
 
@@ -605,25 +633,8 @@ def _build(p, q, config, out, conv, mma, epilogue=None, word_taps=False):
                         load_stage(smem, nxt % STAGES, nxt, k_steps, a_words, b_words, a_pass,
                                    a_src, a_dst, a_step, a_bytes, b_src, b_dst, b_step, b_bytes)
                     cp_async_commit()
-                    base = (kt % STAGES) * STAGE_WORDS
-                    wgmma_fence()
-                    for step in range(STEPS):  # k-step s of a row starts s * 32 bytes in (the swizzle is the hardware's)
-                        db = smem_desc(smem, base + A_ROWS * ROW_WORDS + step * K_STEP_WORDS, DESC_FIELDS)
-                        acc0 = wg_mma(acc0, smem_desc(smem, base + wg_rows + step * K_STEP_WORDS, DESC_FIELDS), db, 1)
-                        if PG > 1:
-                            acc1 = wg_mma(acc1, smem_desc(smem, base + BM * ROW_WORDS + wg_rows + step * K_STEP_WORDS,
-                                                          DESC_FIELDS), db, 1)
-                    wgmma_commit()
-                    wg_wait_one()  # k-tile kt - 1's products are done: its stage may be refilled next iteration
-                wg_wait_all()
-                acc0 = wg_pin(acc0)
-                if PG > 1:
-                    acc1 = wg_pin(acc1)
-                # The warpgroup fragment is the m16n8 tiles the fold walks: n8 column group c of plane i's
-                # columns is register group i * NT + c, so acc[j, i, 0, c, e] is register 4 (i NT + c) + e of plane j.
-                tuple_into(acc, 0, acc0)
-                if PG > 1:
-                    tuple_into(acc, WG_REGS, acc1)
+                    acc0, acc1 = wgmma_stage(smem, (kt % STAGES) * STAGE_WORDS, wg_rows, acc0, acc1)
+                wgmma_drain(acc, acc0, acc1)
 
             else:
                 for kt in range(k_tiles):
@@ -780,8 +791,11 @@ def _build(p, q, config, out, conv, mma, epilogue=None, word_taps=False):
     def store_codes(y, row_at, wi, plane_words, lane, code, valid, room):
         """The lanes' codes of tile word wi - 32 channels - into the output row starting at word ``row_at``:
         bit planes by ballots, or (OUT_BYTES) 32 code bytes, four lanes a word, within the ``room`` words
-        the row has from row_at (a tile's words past M may pass the row's end); returns their code sum."""
+        the row has from row_at (a tile's words past M may pass the row's end: a 96- or 192-row tile's last
+        words can lie past the row's padding, in the next row); returns their code sum."""
         if not OUT_BYTES:
+            if wi >= room:  # (the same for the whole warp: no lane's channel is valid there)
+                return int32(0)
             pattern = encode_code(code, OUT_BITS, OUT_ENC) if valid else 0
             return store_word_at(y, int32(row_at + wi), plane_words, OUT_BITS, OUT_ENC, lane, pattern, valid)
         four = uint32(code & 0xFF) << (8 * (lane & 3)) if valid else uint32(0)
@@ -843,6 +857,8 @@ def _build(p, q, config, out, conv, mma, epilogue=None, word_taps=False):
             y = sum of plane pairs + ex * SWv[m, n] + ew * SXv[n] + c_k * Kv
         """
         smem = cuda.shared.array(0, uint32)
+        if WGMMA:  # (as in apmm)
+            smem = smem[((1024 - (smem_addr(smem, 0) & 1023)) & 1023) >> 2:]
         tid = cuda.threadIdx.x
         lane = tid & 31
         warp = tid >> 5
@@ -922,14 +938,20 @@ def _build(p, q, config, out, conv, mma, epilogue=None, word_taps=False):
                     r, s_ = divmod_u32(4 * chunk + i, S)
                     word_r[i], word_s[i] = int32(r), int32(s_)
 
-            load_slot = int32(0)  # the ring stage k-tile kt goes to, and the one k-tile kt - (STAGES - 1) is in
+            load_slot = int32(0)  # the ring stage k-tile kt goes to, and the one k-tile kt - AHEAD is in
             compute_slot = int32(0)
-            for kt in range(int32(k_tiles + (STAGES - 1))):
+            if WGMMA:
+                wg_rows = (warp >> 2) * 64 * ROW_WORDS
+                acc0 = wg_zeros()
+                acc1 = wg_zeros()
+            for kt in range(int32(k_tiles + AHEAD)):
                 # The APMM pipeline, prologue folded in: step kt loads k-tile kt and, once the ring is
-                # full, waits for and computes k-tile kt - (STAGES - 1).
-                ct = int32(kt - (STAGES - 1))
+                # full (but one stage: wgmma), waits for and computes k-tile kt - AHEAD.
+                ct = int32(kt - AHEAD)
                 if ct >= 0:
                     wait_for_stage()
+                    if WGMMA:
+                        fence_proxy_async()
                     cuda.syncthreads()
                 if kt < k_tiles:
                     base = int32(load_slot * STAGE_WORDS)
@@ -959,8 +981,13 @@ def _build(p, q, config, out, conv, mma, epilogue=None, word_taps=False):
                                 tap_r = int32(tap_r + 1)
                 cp_async_commit()
                 if ct >= 0:
-                    compute_stage(smem, int32(compute_slot * STAGE_WORDS), warp_k, lanes, acc, a_frag, b_frag)
+                    if WGMMA:
+                        acc0, acc1 = wgmma_stage(smem, int32(compute_slot * STAGE_WORDS), wg_rows, acc0, acc1)
+                    else:
+                        compute_stage(smem, int32(compute_slot * STAGE_WORDS), warp_k, lanes, acc, a_frag, b_frag)
                     compute_slot = int32(0) if compute_slot == STAGES - 1 else int32(compute_slot + 1)
+            if WGMMA:
+                wgmma_drain(acc, acc0, acc1)
 
             fold_into_tile(smem, ps, acc, pair_coef, coef_w, coef_x, warp_m, warp_n, warp_k, lane)
 
@@ -1042,7 +1069,7 @@ def _build(p, q, config, out, conv, mma, epilogue=None, word_taps=False):
                 if n < N:  # the same for the whole warp: the ballots stay convergent
                     row = int32(n >> 2) if POOL else n
                     out_at = int32(row * out_cw + (8 * word0 if OUT_BYTES else word0))  # the tile's first word in the row
-                    room = int32(out_cw - 8 * word0)  # (bytes: the row's words from there)
+                    room = int32(out_cw - (8 * word0 if OUT_BYTES else word0))  # the row's words from out_at
                     total = int32(0)
                     if POOL:
                         # Each window is 4 consecutive tile rows: ReLU'd values pooled in float32, then quantized.

@@ -122,6 +122,13 @@ def test_apconv_fused_epilogue(rng, out, res, signs, device):
                       config=TileConfig(2, 1, 1, 1, 2), signs=signs, device_constants=device)
 
 
+def test_apconv_fused_epilogue_tile_past_the_row(rng):
+    """200 channels in 96-row tiles: the last tile's words 6..8 of a row of 8 (256 channels' padding) - its
+    word 8 is not stored (it would be word 0 of the next pixel's row)."""
+    check_conv_packed(rng, Precision.parse("u2"), Precision.parse("b1"), (1, 3, 4, 40), 200, 3, 1, 1,
+                      Precision.parse("u2"), config=TileConfig(2, 1, 3, 1, 2))
+
+
 BYTE_OUTPUTS = [("u8", None, None, False, 70, 2), ("s8", "max", None, True, 40, 4), ("u8", None, "u2", False, 40, 1),
                 ("b1", None, None, True, 40, 1)]
 
