@@ -13,6 +13,7 @@ winner in a JSON file (``$APNUMBA_CACHE_DIR`` or ``~/.cache/apnumba``), keyed by
 the card, the precisions and the shape, so a second run does not tune again.
 """
 
+import dataclasses
 import json
 import math
 import os
@@ -137,14 +138,26 @@ def hopper_config(p, q, M, N, K):
     """On sm_90, large products run on wgmma tiles of three warpgroups (two where the weight planes take
     several passes).  H100, 8192^3, against the mma.sync tiles in the same run: w1a1 42.7 -> 55.9%,
     w1a2 50.1 -> 73.1%, w2a2 52.9 -> 75.6%, w1a4 53.2 -> 78.9% of the mma.sync peak.  None where the
-    mma.sync tiles stay: fewer than WGMMA_MIN_WAVES blocks per SM, or K below WGMMA_MIN_K (not measured)."""
+    mma.sync tiles stay: fewer than WGMMA_MIN_WAVES blocks per SM, or K below WGMMA_MIN_K (not measured).
+
+    One-pass tiles (one block per SM, 192 x 256 outputs) also stagger their start (STAGGER_US) and stream
+    their output past L2: a wave's blocks otherwise store their tiles at the same moment, at DRAM speed, while
+    no SM multiplies.  H100, same run: w1a1 8192^3 227.4 -> 195.5 us, K = 4096 171.3 -> 137.9, K = 16384
+    310.1 -> 300.2; w1a2 339.5 -> 317.7; w2a2, w1a4 within 1.5%; two-pass tiles (w4a4, w8a8) gain nothing."""
     cfg = wgmma_config(p, q, 3, 2)
     if cfg is not None and cfg.passes(p) > 1:  # several plane passes: three warpgroups would spill
         cfg = wgmma_config(p, q, 2, 2)
+    elif cfg is not None:
+        cfg = dataclasses.replace(cfg, stagger_us=STAGGER_US, stream_out=True)
     if cfg is None or K < WGMMA_MIN_K:
         return None
     blocks = math.ceil(M / cfg.block_m) * math.ceil(N / cfg.block_n)
     return cfg if blocks >= WGMMA_MIN_WAVES * SMS else None
+
+
+# Half the SMs start this late: about the time a wave's output stores take (H100, w1a1 8192^3: 4 us gains
+# nothing, 7-10 us the most, 13 us little; at K = 4096 6 us gains, 9 us little).
+STAGGER_US = 7
 
 
 WGMMA_CONV_MIN_WAVES = 4  # measured at batch 256 only (ResNet-18's 3x3 layers: 5-200 blocks per SM)

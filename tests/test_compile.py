@@ -204,6 +204,18 @@ def test_apmm_wgmma_sm90a(p, q, groups, steps):
     print(f"apmm w{p}a{q} {cfg.short()}: {c.registers} registers, {c.spill_bytes} bytes spilled")
 
 
+def test_apmm_staggered_start_sm90a():
+    """The H100's default w1a1 tile: odd blocks of the first wave nap on the global timer before they
+    start (NANOSLEEP in SASS), and the output is stored with evict-first; the products are unchanged."""
+    cfg = hopper_config(1, 1, 8192, 8192, 8192)
+    c = sass.compile_kernel(apmm_kernel(1, 1, cfg, False), _signature(False), (9, 0, "a"))
+    ops = c.opcodes()
+    assert cfg.stagger_us and ops["NANOSLEEP"] >= 1 and "%globaltimer" in c.ptx and "%nsmid" in c.ptx
+    assert c.sass.count("BGMMA.64x256x256.AND.POPC") >= 1 and "st.global.cs.v4" in c.ptx
+    assert not [k for k in ops if "XOR" in k or k.startswith("CALL.ABS")]
+    assert c.registers <= 168 and c.spill_bytes <= 160, (c.registers, c.spill_bytes)
+
+
 def test_wgmma_tiles_are_checked():
     with pytest.raises(ValueError, match="wgmma"):
         TileConfig(4, 2, 1, 8, 4, wgmma=True)
@@ -218,6 +230,13 @@ def test_wgmma_tiles_are_checked():
         cfg = hopper_config(p, q, 8192, 8192, 8192)
         assert (p, q, cfg.threads // 128, cfg.steps) in WGMMA, (p, q, cfg.short())
     assert hopper_config(1, 2, 8192, 8, 8192) is None and hopper_config(1, 2, 8192, 8192, 2048) is None
+    # one-pass tiles stagger their start and stream their output; two-pass tiles do neither
+    assert hopper_config(1, 1, 8192, 8192, 8192).short() == "12x1w1x32t8sx2cb1d7W"
+    assert hopper_config(4, 4, 8192, 8192, 8192).stagger_us == 0
+    with pytest.raises(ValueError, match="stagger_us: expected 0 to 1000"):
+        TileConfig(stagger_us=-1)
+    with pytest.raises(ValueError, match="stagger_us is for APMM"):
+        apconv_kernel(1, 1, TileConfig(stagger_us=5), "i32")
     # convolutions: 64 pixels x 128 weight rows a stage where the grid has >= 4 blocks per SM, one plane pass
     assert hopper_conv_config(1, 2, 256, 256 * 14 * 14, 9 * 256).short() == "8x1w1x8t4sW"
     assert hopper_conv_config(2, 2, 256, 256 * 14 * 14, 9 * 256).short() == "4x1w1x8t4sW"

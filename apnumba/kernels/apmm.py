@@ -75,6 +75,8 @@ from numba import cuda, float32, int32, int64, uint32, uint64
 from .pack import ENC_BINARY, code_range, encode_code, lane_group_sum, quantize_code, warp_sum
 from .packed_ops import lane_code, store_word_at
 from .ptx import (
+    sleep_ns,
+    sm_count,
     SIMULATOR,
     cp_async_16,
     cp_async_4,
@@ -127,6 +129,7 @@ class TileConfig:
     raster: int = 0  # > 0: blocks run in groups of this many block-rows, column by column (L2 reuse)
     stream_out: bool = False  # store the output with evict-first (.cs) so it does not flush the operands from L2
     min_blocks: int = 0  # > 0: ask ptxas (launch bounds) to fit this many blocks per SM in the registers
+    stagger_us: int = 0  # > 0: the first wave's odd blocks start this late (SMs' epilogues then fall apart)
     # Warpgroup products (sm_90a wgmma, operands read from the stages): each 4 warps along m are one
     # warpgroup of 64 rows with mt = 1, warps_n = 1 and nt * 8 = block_n columns; per k-step a
     # warpgroup issues one m64n(q * block_n)k256 per weight plane of the pass.
@@ -146,6 +149,8 @@ class TileConfig:
             raise ValueError(f"min_blocks: expected >= 0, got {self.min_blocks}")
         if self.raster < 0:
             raise ValueError(f"raster: expected >= 0, got {self.raster}")
+        if not 0 <= self.stagger_us <= 1000:
+            raise ValueError(f"stagger_us: expected 0 to 1000, got {self.stagger_us}")
         if self.threads > MAX_THREADS:
             raise ValueError(f"warps: {self.threads} threads per block, at most {MAX_THREADS}")
         if self.wgmma:
@@ -200,6 +205,7 @@ class TileConfig:
         extra += f"x{self.steps}" if self.steps != self.warps_k else ""
         extra += (f"r{self.raster}" if self.raster else "") + ("c" if self.stream_out else "")
         extra += f"b{self.min_blocks}" if self.min_blocks else ""
+        extra += f"d{self.stagger_us}" if self.stagger_us else ""
         extra += "W" if self.wgmma else ""
         return f"{self.warps_m}x{self.warps_n}w{self.mt}x{self.nt}t{self.stages}s{extra}"
 
@@ -259,6 +265,8 @@ def apconv_kernel(p, q, config, out, mma="b1", epilogue=None, word_taps=False):
     _check_mma(mma, p, q, config)
     if out not in OUT_KINDS:
         raise ValueError(f"out: expected one of {OUT_KINDS}, got {out!r}")
+    if config.stagger_us:
+        raise ValueError(f"config: stagger_us is for APMM tiles, convolutions start every block at once, got {config.short()}")
     if out.startswith("pack") and config.block_m % 32:
         raise ValueError(f"config: packing the output needs block_m a multiple of 32, got {config.block_m}")
     if out.startswith("pack") and (epilogue is None or len(epilogue) not in (5, 6, 7)):
@@ -311,6 +319,7 @@ def _build(p, q, config, out, conv, mma, epilogue=None, word_taps=False):
     LEVEL_COLS = LEVELS + 1  # a channel's sign and thresholds
     RES_ARRAY_PLANES = max(RES_BITS, 1)  # (a local array needs a size even without a residual)
     RASTER, STREAM_OUT = config.raster, config.stream_out
+    STAGGER_NS = 1000 * config.stagger_us
     WORD_TAPS = word_taps  # a tap is one word: a chunk of K is four taps (conv only)
     COLS4 = BN // 4  # 4-column groups of the output tile
     # Lanes that share an output pixel's column terms (conv, windows of more than one tap): its valid
@@ -572,6 +581,13 @@ def _build(p, q, config, out, conv, mma, epilogue=None, word_taps=False):
         warp_m = warp % WM
         warp_n = (warp // WM) % WN
         warp_k = warp // (WM * WN)
+        if STAGGER_NS:
+            # With one block per SM every block of a wave stores its output tile at the same moment (a burst
+            # at DRAM speed while no SM multiplies); the first wave's odd blocks start late, and the SMs that
+            # run them keep that phase, so half the SMs store while the other half multiply.
+            linear = cuda.blockIdx.y * cuda.gridDim.x + cuda.blockIdx.x
+            if (linear & 1) and linear < sm_count():
+                sleep_ns(STAGGER_NS)
         if RASTER:
             # Grouped order (as in Triton's matmul tutorial): consecutive blocks walk down RASTER
             # block-rows, then move one block-column right, so blocks running together share A and

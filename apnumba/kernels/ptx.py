@@ -91,6 +91,9 @@ __all__ = [
     "smem_desc",
     "smem_addr",
     "tuple_into",
+    "global_timer_ns",
+    "sleep_ns",
+    "sm_count",
     "DESC_SWIZZLE",
 ]
 
@@ -138,6 +141,9 @@ if SIMULATOR:
         smem_desc,
         smem_addr,
         tuple_into,
+        global_timer_ns,
+        sleep_ns,
+        sm_count,
     )
 else:
     from llvmlite import ir
@@ -432,6 +438,32 @@ else:
 
         f.__doc__ = doc
         return f
+
+    def _special_register(name, bits, doc):
+        """An intrinsic of no operands that reads special register ``%name`` (volatile: read each time)."""
+        ty = types.uint64 if bits == 64 else types.uint32
+
+        @intrinsic
+        def f(typingctx):
+            def codegen(context, builder, sig, args):
+                fnty = ir.FunctionType(ir.IntType(bits), [])
+                return builder.call(ir.InlineAsm(fnty, f"mov.u{bits} $0, %{name};", "=l" if bits == 64 else "=r",
+                                                 side_effect=True), [])
+
+            return ty(), codegen
+
+        f.__doc__ = doc
+        return f
+
+    global_timer_ns = _special_register("globaltimer", 64, "The GPU's global nanosecond timer (uint64).")
+    sm_count = _special_register("nsmid", 32, "The number of SM ids (an upper bound on the SMs: ids may have gaps).")
+
+    @cuda.jit(device=True, inline="always")
+    def sleep_ns(ns):
+        """Suspend the calling thread for about ``ns`` nanoseconds (``nanosleep`` naps on the global timer)."""
+        t_end = global_timer_ns() + ns
+        while global_timer_ns() < t_end:
+            cuda.nanosleep(uint32(500))
 
     cp_async_commit = _void_asm("cp.async.commit_group;", "Close the group of cp.async copies issued so far.")
 

@@ -8,6 +8,7 @@ more before the slots can be reused.  Results are bit-identical to the GPU's.
 Only imported when ``NUMBA_ENABLE_CUDASIM=1``.
 """
 
+import time
 import threading
 import weakref
 
@@ -257,3 +258,15 @@ def tuple_into(array, start, values):
     flat = array.reshape(-1)
     for k, v in enumerate(values):
         flat[start + k] = v
+
+
+def global_timer_ns():
+    return time.monotonic_ns()
+
+
+def sm_count():
+    return 8  # (any number: blocks 1, 3, 5, 7 of a staggered grid wait)
+
+
+def sleep_ns(ns):
+    time.sleep(ns * 1e-9)

@@ -39,6 +39,7 @@ CASES = [
     ("s2", "u1", TileConfig(1, 1, 1, 1, 3, 0, 2, 4), 11, 6, 700, True, "mn"),  # 2 k-groups x 2 steps each
     ("b1", "u2", TileConfig(1, 1, 1, 1, 2, raster=3, stream_out=True), 80, 20, 256, False, "mn"),  # grouped order
     ("s2", "u2", TileConfig(1, 1, 3, 1, 2), 100, 9, 300, True, "mn"),  # three m16 tiles a warp, a ragged last block
+    ("u2", "b1", TileConfig(1, 1, 1, 1, 2, stagger_us=1), 40, 20, 300, False, "mn"),  # odd blocks start late
 ]
 
 
