@@ -94,7 +94,7 @@ def conv_config(p, q, M, N, K, packed=False, mma="b1"):
     for cfg in tuning.candidates(p, q, M, N, K, limit=64, three_m_tiles=True):
         if (cfg.mma_per_step(p, q) <= 16 and cfg.shared_bytes(p, q, True) <= tuning.MAX_SHARED_PER_BLOCK
                 and not (packed and cfg.block_m % 32)):
-            blocks = -(-M // cfg.block_m) * -(-N // cfg.block_n)
+            blocks = cfg.blocks(M, N)
             if cfg.steps > cfg.warps_k and blocks >= 2 * tuning.SMS:
                 cfg = dataclasses.replace(cfg, stage_steps=0)
             return cfg
@@ -217,7 +217,7 @@ def prepare_apconv(x, w, stride=1, padding=0, *, out=None, scale=None, bias=None
         levels, thresholds = _thresholds(scale, bias, K, out, relu)  # conv2 at batch 256, +3-14%)
     epilogue = (epi[0], epi[1], epi[4], epi[5], whole_rows, levels, out.packing == "bytes") if packed else None
     bound = launcher(p, q, cfg, kind, mma, epilogue, w.tap_words == 1).bind(
-        (-(-Npix // cfg.block_n), -(-M // cfg.block_m)), (cfg.threads,), stream,
+        cfg.grid(M, Npix), (cfg.threads,), stream,
         (w.words, x.words, M, Npix, w.kwords, _geometry((H, W, x.kwords, R, S, int(stride), int(padding), OH, OW, C, w.tap_words)),
          _coef(w.precision, packing), _coef(x.precision, packing), ex, ew, ew * ex - ex * dw - ew * dx, w.rowsum, w.tap_sums, x.rowsum,
          _vector(scale, K, "scale", ones), _vector(bias, K, "bias", zeros), y, y_rowsum,

@@ -181,7 +181,7 @@ def prepare_apmm(w, x, *, out=None, scale=None, bias=None, out_dtype=None, layou
     mma = reference.mma_kind(w.precision, x.precision, packing)
     cfg = config or choose_config(p, q, M, N, K, out_float, autotune, mma)
     _check_wgmma(cfg, mma)
-    grid = (-(-N // cfg.block_n), -(-M // cfg.block_m))
+    grid = cfg.grid(M, N)
     stride_m, stride_n = (N, 1) if layout == "mn" else (1, M)
     c_sw, c_sx, c_const = reference.correction_terms(w.precision, x.precision, K, w.zero_point, x.zero_point, packing)
     bound = launcher(p, q, cfg, out_float, mma).bind(grid, (cfg.threads,), stream, (

@@ -66,7 +66,7 @@ def estimate_cycles(config, p, q, M, N, K):
     bps = blocks_per_sm(config, p, q)
     if bps == 0 or config.shared_bytes(p, q) > MAX_SHARED_PER_BLOCK:
         return math.inf
-    blocks = math.ceil(M / config.block_m) * math.ceil(N / config.block_n)
+    blocks = config.blocks(M, N)
     rounds = math.ceil(blocks / SMS)  # blocks each SM runs, one after another or side by side
     k_tiles = math.ceil(math.ceil(K / 256) / config.steps) * config.passes(p)
     mma = config.mma_per_step(p, q) * config.warps_m * config.warps_n * config.steps
@@ -151,8 +151,7 @@ def hopper_config(p, q, M, N, K):
         cfg = dataclasses.replace(cfg, stagger_us=STAGGER_US, stream_out=True)
     if cfg is None or K < WGMMA_MIN_K:
         return None
-    blocks = math.ceil(M / cfg.block_m) * math.ceil(N / cfg.block_n)
-    return cfg if blocks >= WGMMA_MIN_WAVES * SMS else None
+    return cfg if cfg.blocks(M, N) >= WGMMA_MIN_WAVES * SMS else None
 
 
 # Half the SMs start this late: about the time a wave's output stores take (H100, w1a1 8192^3: 4 us gains
@@ -174,7 +173,7 @@ def hopper_conv_config(p, q, M, N, K):
     group = 2 if p % 2 == 0 else 1
     warpgroups = 1 if group == 2 or M <= 64 else 2
     cfg = wgmma_config(p, q, warpgroups, 1, columns=min(256, 64 * group * q), max_stages=4)
-    if cfg is None or cfg.passes(p) > 1 or K <= 256 or -(-M // cfg.block_m) * -(-N // cfg.block_n) < WGMMA_CONV_MIN_WAVES * SMS:
+    if cfg is None or cfg.passes(p) > 1 or K <= 256 or cfg.blocks(M, N) < WGMMA_CONV_MIN_WAVES * SMS:
         return None
     return cfg
 

@@ -405,4 +405,4 @@ def test_conv_config_keeps_one_k_step_a_stage_on_large_grids():
 
     for M, N, C in [(256, 256 * 14 * 14, 256), (512, 256 * 7 * 7, 512), (64, 256 * 56 * 56, 64)]:
         cfg = conv_config(1, 2, M, N, 9 * C, packed=True)
-        assert -(-M // cfg.block_m) * -(-N // cfg.block_n) >= 2 * SMS and cfg.steps == cfg.warps_k, cfg.short()
+        assert cfg.blocks(M, N) >= 2 * SMS and cfg.steps == cfg.warps_k, cfg.short()

@@ -176,6 +176,15 @@ class TileConfig:
         """k-steps per stage."""
         return self.stage_steps or self.warps_k
 
+    def grid(self, M, N):
+        """The launch grid of an M x N output: (column blocks, row blocks)."""
+        return -(-N // self.block_n), -(-M // self.block_m)
+
+    def blocks(self, M, N):
+        """Thread blocks of an M x N output."""
+        gx, gy = self.grid(M, N)
+        return gx * gy
+
     def group(self, p):
         g = self.plane_group or p
         if p % g:
@@ -497,6 +506,22 @@ def _build(p, q, config, out, conv, mma, epilogue=None, word_taps=False):
                              acc, a_frag, b_frag)
 
     @cuda.jit(device=True, inline="always")
+    def stages_memory():
+        """The block's dynamic shared memory; with wgmma from its first 1024-byte boundary on (the hardware
+        applies the descriptors' swizzle to address bits: config.shared_bytes counts the 1 KB spare)."""
+        smem = cuda.shared.array(0, uint32)
+        if WGMMA:
+            smem = smem[((1024 - (smem_addr(smem, 0) & 1023)) & 1023) >> 2:]
+        return smem
+
+    @cuda.jit(device=True, inline="always")
+    def wgmma_start(warp):
+        """Warpgroup w (warps 4w .. 4w + 3) multiplies rows 64w .. 64w + 63 of every weight plane of the pass
+        by all q activation planes at once (B's planes are consecutive rows): its rows' word offset in a
+        stage, and zeroed accumulators for the pass's (at most two) weight planes."""
+        return (warp >> 2) * 64 * ROW_WORDS, wg_zeros(), wg_zeros()
+
+    @cuda.jit(device=True, inline="always")
     def wgmma_stage(smem, base, wg_rows, acc0, acc1):
         """A warpgroup's k-steps of the stage at ``base``, issued as one wgmma group: per k-step one
         m64n(q * BN)k256 per weight plane of the pass (B's q planes are consecutive rows: one product).
@@ -572,9 +597,7 @@ def _build(p, q, config, out, conv, mma, epilogue=None, word_taps=False):
 
     def apmm(a_words, b_words, M, N, kwords, coef_w, coef_x, c_sw, c_sx, c_const,
              sum_w, sum_x, scale, bias, y, y_stride_m, y_stride_n):
-        smem = cuda.shared.array(0, uint32)  # dynamic: config.shared_bytes(p, q), given at launch
-        if WGMMA:  # the stages 1024-byte aligned: wgmma applies its swizzle to address bits
-            smem = smem[((1024 - (smem_addr(smem, 0) & 1023)) & 1023) >> 2:]
+        smem = stages_memory()  # dynamic: config.shared_bytes(p, q), given at launch
         tid = cuda.threadIdx.x
         lane = tid & 31
         warp = tid >> 5
@@ -635,11 +658,7 @@ def _build(p, q, config, out, conv, mma, epilogue=None, word_taps=False):
                 cp_async_commit()
 
             if WGMMA:
-                # Warpgroup w (warps 4w .. 4w + 3) multiplies rows 64w .. 64w + 63 of every weight plane
-                # of the pass by all q activation planes at once (B's planes are consecutive rows).
-                wg_rows = (warp >> 2) * 64 * ROW_WORDS
-                acc0 = wg_zeros()
-                acc1 = wg_zeros()
+                wg_rows, acc0, acc1 = wgmma_start(warp)
                 for kt in range(k_tiles):
                     wait_for_stage()
                     fence_proxy_async()  # the landed copies, visible to wgmma's (async proxy) reads ...
@@ -872,9 +891,7 @@ def _build(p, q, config, out, conv, mma, epilogue=None, word_taps=False):
         Corrections (reference.py, convolution): per output pixel n with Kv = valid taps x C,
             y = sum of plane pairs + ex * SWv[m, n] + ew * SXv[n] + c_k * Kv
         """
-        smem = cuda.shared.array(0, uint32)
-        if WGMMA:  # (as in apmm)
-            smem = smem[((1024 - (smem_addr(smem, 0) & 1023)) & 1023) >> 2:]
+        smem = stages_memory()
         tid = cuda.threadIdx.x
         lane = tid & 31
         warp = tid >> 5
@@ -957,9 +974,7 @@ def _build(p, q, config, out, conv, mma, epilogue=None, word_taps=False):
             load_slot = int32(0)  # the ring stage k-tile kt goes to, and the one k-tile kt - AHEAD is in
             compute_slot = int32(0)
             if WGMMA:
-                wg_rows = (warp >> 2) * 64 * ROW_WORDS
-                acc0 = wg_zeros()
-                acc1 = wg_zeros()
+                wg_rows, acc0, acc1 = wgmma_start(warp)
             for kt in range(int32(k_tiles + AHEAD)):
                 # The APMM pipeline, prologue folded in: step kt loads k-tile kt and, once the ring is
                 # full (but one stage: wgmma), waits for and computes k-tile kt - AHEAD.
