@@ -398,7 +398,8 @@ def requantize(y, scale, bias, precision, zero_point=0, relu=False, residual=Non
     float64 and rounded to float32; both the GPU and this function start from those float32 values.
     """
     precision = Precision.parse(precision)
-    t = np.asarray(y, np.int32).astype(np.float32) * np.asarray(scale, np.float32) + np.asarray(bias, np.float32)
+    with np.errstate(over="ignore"):  # float32 overflow is +-inf here, as on the GPU (quantize clamps it)
+        t = np.asarray(y, np.int32).astype(np.float32) * np.asarray(scale, np.float32) + np.asarray(bias, np.float32)
     if residual is not None:
         r = (np.asarray(residual, np.int64) - residual_zero_point).astype(np.float32)
         t = t + r * np.float32(residual_scale)
