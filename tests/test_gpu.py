@@ -275,6 +275,9 @@ def test_apconv_wgmma_fused_epilogue(rng, out, residual, pool):
             check_conv_packed(rng, Precision.parse("u2"), Precision.parse("b1"), image, K, k, stride, padding,
                               Precision.parse(out), relu=out.startswith("u"), config=cfg, pool=pool,
                               residual_precision=residual and Precision.parse(residual))
+        # +-1 activations: the weight-sum term at the border pixels (the column terms gathered in the main loop)
+        check_conv_packed(rng, Precision.parse("b1"), Precision.parse("b1"), (2, 15, 13, 96), 128, 3, 1, 1,
+                          Precision.parse(out), relu=out.startswith("u"), config=cfg, pool=pool, signs=True)
 
 
 @pytest.mark.parametrize("out,residual", [("u2", None), ("u2", "u2"), ("b1", None), ("s4", "s3"), ("u8", "b1")])

@@ -336,6 +336,11 @@ def _build(p, q, config, out, conv, mma, epilogue=None, word_taps=False):
     # (the whole block waits on that gather; H100, C = K = 1024 at 16x16: 9.4 -> 9.1 us).
     TAP_LANES = 1 << (max(1, min(32, THREADS // BN)).bit_length() - 1)  # (a power of two: BN and THREADS are)
     TAP_SHIFT = TAP_LANES.bit_length() - 1
+    # Gather the column terms inside the main loop (each thread has at most one slot of them; see apconv):
+    # on wgmma tiles of one weight plane a pass, where the registers it holds through the loop cost no
+    # block per SM (H100: w1a2 96 -> 124 registers, two 256-thread blocks either way; two planes a pass
+    # would go 168 -> 200, three 128-thread blocks -> two; mma.sync tiles 70 -> 122).
+    COLUMN_SLOT = config.wgmma and PG == 1 and BN * TAP_LANES <= THREADS
     tap_lanes_sum = lane_group_sum(TAP_LANES)
     FIXED_COLUMNS = THREADS % COLS4 == 0  # every thread keeps the same column group in the epilogue
     # One product per plane pair and k-step: b1 AND + popc over 256 bits, or int8 over 32 bytes
@@ -648,7 +653,8 @@ def _build(p, q, config, out, conv, mma, epilogue=None, word_taps=False):
         pair_coef = cuda.local.array((PG, Q), int32)
 
         for ps in range(PASSES):
-            zero_accumulators(acc)
+            if not WGMMA:  # (wgmma_start zeroes its own; wgmma_drain writes every element of acc)
+                zero_accumulators(acc)
             a_pass = int64(ps * PG) * M * kwords
 
             for s in range(AHEAD):  # prologue: fill all stages but one (wgmma: but two)
@@ -794,6 +800,43 @@ def _build(p, q, config, out, conv, mma, epilogue=None, word_taps=False):
         return img, oh, ow
 
     @cuda.jit(device=True, inline="always")
+    def column_terms(at, shift, n0, N, OH, OW, stride, pad, H, W, R, S, ew, sum_x, lane):
+        """Slot ``at`` of the tile's column terms: tile pixel cc = at >> shift, whose valid taps split over
+        the 2^shift lanes of its group (BN << shift is a multiple of 32: whole warps run each slot, so the
+        shuffles that add the lanes' sums are convergent; a 1x1 window's one tap is one lane's - measured:
+        idle lanes there cost 5%).  Returns (cc, the lane's place in its group, the valid taps, the sum of
+        their pixel sums SXv (ew != 0), ih0, iw0)."""
+        cc = at >> shift
+        img, oh, ow = output_pixel(min(n0 + cc, N - 1), OH, OW)
+        ih0 = int32(oh * stride - pad)
+        iw0 = int32(ow * stride - pad)
+        # The taps inside the image: filter rows [r_lo, r_hi) x columns [s_lo, s_hi) (counted, not
+        # walked: an 11x11 stem has 121 taps).
+        r_lo, r_hi = int32(max(-ih0, 0)), int32(min(H - ih0, R))
+        s_lo, s_hi = int32(max(-iw0, 0)), int32(min(W - iw0, S))
+        cols = int32(max(s_hi - s_lo, 0))
+        taps = int32(max(r_hi - r_lo, 0) * cols)
+        sx = int32(0)
+        first = int32(at & ((1 << shift) - 1))  # this lane's first tap in the pixel's group
+        if ew != 0:
+            t = first
+            while t < taps:
+                dr, ds = divmod_u32(t, cols)
+                sx += sum_x[int32(int32(img * H + ih0 + r_lo + int32(dr)) * W + iw0 + s_lo + int32(ds))]
+                t = int32(t + (1 << shift))
+            if shift > 0:  # (the same in the whole block)
+                sx = tap_lanes_sum(sx, lane)
+        return cc, first, taps, sx, ih0, iw0
+
+    @cuda.jit(device=True, inline="always")
+    def store_column_terms(smem, cc, kv, sx, ih0, iw0):
+        """Tile pixel cc's Kv (valid taps x C), SXv, ih0 and iw0 into the tile's columns (COL_BASE)."""
+        st_shared(smem, COL_BASE + cc, kv)
+        st_shared(smem, COL_BASE + BN + cc, sx)
+        st_shared(smem, COL_BASE + 2 * BN + cc, ih0)
+        st_shared(smem, COL_BASE + 3 * BN + cc, iw0)
+
+    @cuda.jit(device=True, inline="always")
     def pixel_terms(smem, cc, c_k, ew, full):
         """Tile pixel cc's column term ``c_k * Kv + ew * SXv`` and whether a tap of it falls outside."""
         kv = int32(ld_shared(smem, COL_BASE + cc))
@@ -803,17 +846,22 @@ def _build(p, q, config, out, conv, mma, epilogue=None, word_taps=False):
         return col, kv != full
 
     @cuda.jit(device=True, inline="always")
+    def weight_sum_term(smem, cc, border, ex, ch_sum_w, mc, tap_sums, H, W, R, S):
+        """``ex * SWv[m, n]`` of tile pixel cc and channel mc: the channel's weight sum over the taps inside
+        the image (ch_sum_w, its SW, where every tap is; ``border``: from :func:`pixel_terms`)."""
+        if border:
+            ih0 = int32(ld_shared(smem, COL_BASE + 2 * BN + cc))
+            iw0 = int32(ld_shared(smem, COL_BASE + 3 * BN + cc))
+            return int32(ex * border_tap_sum(tap_sums, mc, ih0, iw0, H, W, R, S))
+        return int32(ex * ch_sum_w)
+
+    @cuda.jit(device=True, inline="always")
     def conv_sum(smem, cc, wi, lane, col, border, ex, ch_sum_w, mc, tap_sums, H, W, R, S):
         """The int32 sum y of tile pixel cc, channel 32 * wi + lane, corrections included (col, border:
         :func:`pixel_terms`; ch_sum_w: the channel's SW, used by pixels with every tap inside)."""
         v = int32(int32(ld_shared(smem, TILE_BASE + cc * TILE_LD + 32 * wi + lane)) + col)
         if ex != 0:
-            if border:
-                ih0 = int32(ld_shared(smem, COL_BASE + 2 * BN + cc))
-                iw0 = int32(ld_shared(smem, COL_BASE + 3 * BN + cc))
-                v = int32(v + ex * border_tap_sum(tap_sums, mc, ih0, iw0, H, W, R, S))
-            else:
-                v = int32(v + ex * ch_sum_w)
+            v = int32(v + weight_sum_term(smem, cc, border, ex, ch_sum_w, mc, tap_sums, H, W, R, S))
         return v
 
     @cuda.jit(device=True, inline="always")
@@ -829,10 +877,11 @@ def _build(p, q, config, out, conv, mma, epilogue=None, word_taps=False):
         the row has from row_at (a tile's words past M may pass the row's end: a 96- or 192-row tile's last
         words can lie past the row's padding, in the next row); returns their code sum."""
         if not OUT_BYTES:
-            if wi >= room:  # (the same for the whole warp: no lane's channel is valid there)
-                return int32(0)
+            # Past the room no lane's channel is valid (its ballots are 0); there the words' storing lane is
+            # 32, which no lane is - a predicate, not a branch, so the words of a pixel schedule as one block.
             pattern = encode_code(code, OUT_BITS, OUT_ENC) if valid else 0
-            return store_word_at(y, int32(row_at + wi), plane_words, OUT_BITS, OUT_ENC, lane, pattern, valid)
+            return store_word_at(y, uint64(row_at) + uint64(wi), plane_words, OUT_BITS, OUT_ENC, lane if wi < room else 32,
+                                 pattern, valid)
         four = uint32(code & 0xFF) << (8 * (lane & 3)) if valid else uint32(0)
         four |= uint32(shfl_idx(int32(four), lane ^ 1))
         four |= uint32(shfl_idx(int32(four), lane ^ 2))
@@ -945,6 +994,15 @@ def _build(p, q, config, out, conv, mma, epilogue=None, word_taps=False):
             b_ih0[c] = ih0 if n < N else -(1 << 24)  # rows past N never fall inside
             b_iw0[c] = iw0
 
+        # Per output pixel of the tile: valid taps x C and the sum of the valid taps' pixel sums (see
+        # column_terms).  Where each thread has at most one (pixel, lane) slot (COLUMN_SLOT), computed in the
+        # main loop once the first stages' copies are issued: the gather's loads then wait under the
+        # pipeline's fill, not after the products.  (H100, ResNet-18's 3x3 layers at batch 256, w1a2 with
+        # the fused epilogue, together with the epilogue's straight words below: 4-9% less time.)
+        col_shift = int32(TAP_SHIFT if R * S > 1 else 0)
+        col_live = tid < (BN << col_shift)  # (whole warps: BN << col_shift is a multiple of 32)
+        col_cc, col_first, col_taps, col_sx, col_ih0, col_iw0 = 0, 1, 0, 0, 0, 0
+
         word_r = cuda.local.array(4, int32)  # word taps: the chunk's four taps
         word_s = cuda.local.array(4, int32)
         stage_r, stage_s = divmod_u32(ROW_WORDS, S)  # a stage's taps, as filter rows and columns
@@ -957,7 +1015,8 @@ def _build(p, q, config, out, conv, mma, epilogue=None, word_taps=False):
         pair_coef = cuda.local.array((PG, Q), int32)
 
         for ps in range(PASSES):
-            zero_accumulators(acc)
+            if not WGMMA:  # (wgmma_start zeroes its own; wgmma_drain writes every element of acc)
+                zero_accumulators(acc)
             a_pass = int64(ps * PG) * M * kwords
             # The tap (r, s) and the word within it of this thread's chunk in the next stage to load.
             # (K runs over taps of tap_words words: whole k-steps of the pixel's channel words, or 4 words -
@@ -1011,6 +1070,9 @@ def _build(p, q, config, out, conv, mma, epilogue=None, word_taps=False):
                                 tap_s = int32(0)
                                 tap_r = int32(tap_r + 1)
                 cp_async_commit()
+                if COLUMN_SLOT and kt == AHEAD - 1 and ps == 0 and col_live:
+                    col_cc, col_first, col_taps, col_sx, col_ih0, col_iw0 = column_terms(
+                        tid, col_shift, n0, N, OH, OW, stride, pad, H, W, R, S, ew, sum_x, lane)
                 if ct >= 0:
                     if WGMMA:
                         acc0, acc1 = wgmma_stage(smem, int32(compute_slot * STAGE_WORDS), wg_rows, acc0, acc1)
@@ -1022,38 +1084,17 @@ def _build(p, q, config, out, conv, mma, epilogue=None, word_taps=False):
 
             fold_into_tile(smem, ps, acc, pair_coef, coef_w, coef_x, warp_m, warp_n, warp_k, lane)
 
-        # Per output pixel of the tile: valid taps x C, and the sum of the valid taps' pixel sums, the
-        # taps split over the TAP_LANES lanes of the pixel where the window has several (BN * TAP_LANES
-        # is a multiple of 32: whole warps run each round, so the shuffles that add the lanes' sums
-        # are convergent); a 1x1 window's one tap is one lane's (measured: lanes idle there cost 5%).
-        shift = int32(TAP_SHIFT if R * S > 1 else 0)
-        for at in range(tid, BN << shift, THREADS):
-            cc = at >> shift
-            n = n0 + cc
-            img, oh, ow = output_pixel(min(n, N - 1), OH, OW)
-            ih0 = int32(oh * stride - pad)
-            iw0 = int32(ow * stride - pad)
-            # The taps inside the image: filter rows [r_lo, r_hi) x columns [s_lo, s_hi) (counted, not
-            # walked: an 11x11 stem has 121 taps).
-            r_lo, r_hi = int32(max(-ih0, 0)), int32(min(H - ih0, R))
-            s_lo, s_hi = int32(max(-iw0, 0)), int32(min(W - iw0, S))
-            cols = int32(max(s_hi - s_lo, 0))
-            taps = int32(max(r_hi - r_lo, 0) * cols)
-            sx = int32(0)
-            first = int32(at & ((1 << shift) - 1))  # this lane's first tap in the pixel's group
-            if ew != 0:
-                t = first
-                while t < taps:
-                    dr, ds = divmod_u32(t, cols)
-                    sx += sum_x[int32(int32(img * H + ih0 + r_lo + int32(dr)) * W + iw0 + s_lo + int32(ds))]
-                    t = int32(t + (1 << shift))
-                if shift > 0:  # (the same in the whole block)
-                    sx = tap_lanes_sum(sx, lane)
-            if first == 0:
-                st_shared(smem, COL_BASE + cc, taps * C)
-                st_shared(smem, COL_BASE + BN + cc, sx)
-                st_shared(smem, COL_BASE + 2 * BN + cc, ih0)
-                st_shared(smem, COL_BASE + 3 * BN + cc, iw0)
+        # The column terms into shared memory, for the epilogue (the fold's barrier is behind us: the
+        # region may lie over the stages).
+        if COLUMN_SLOT:
+            if col_live and col_first == 0:
+                store_column_terms(smem, col_cc, col_taps * C, col_sx, col_ih0, col_iw0)
+        else:
+            for at in range(tid, BN << col_shift, THREADS):
+                cc, first, taps, sx, ih0, iw0 = column_terms(at, col_shift, n0, N, OH, OW, stride, pad, H, W, R, S,
+                                                            ew, sum_x, lane)
+                if first == 0:
+                    store_column_terms(smem, cc, taps * C, sx, ih0, iw0)
         cuda.syncthreads()
 
         full = int32(R * S * C)
@@ -1090,6 +1131,7 @@ def _build(p, q, config, out, conv, mma, epilogue=None, word_taps=False):
                     ch_bias[wi] = bias[ch_m[wi]]
                     ch_sum_w[wi] = sum_w[ch_m[wi]] if ex != 0 else 0
                 res_planes = cuda.local.array((RES_ARRAY_PLANES, WORDS_PER_COLUMN), uint32)
+                sums = cuda.local.array(WORDS_PER_COLUMN, int32)  # a pixel's sums, one per word of the tile
                 ch_levels = cuda.local.array((WORDS_PER_COLUMN, LEVEL_COLS), int32)
                 if LEVELS:
                     for wi in range(WORDS_PER_COLUMN):
@@ -1140,14 +1182,21 @@ def _build(p, q, config, out, conv, mma, epilogue=None, word_taps=False):
                             for j in range(RES_BITS):
                                 for wi in range(WORDS_PER_COLUMN):
                                     res_planes[j, wi] = res_words[res_at + uint64(j) * uint64(res_plane) + uint64(wi)]
+                        # The pixel's words as one straight block: every tile load first, the weight-sum
+                        # term (branches: borders) apart, then codes and ballots - no branch between the
+                        # words, so their dependent chains interleave (the epilogue is latency bound).
+                        for wi in range(WORDS_PER_COLUMN):
+                            sums[wi] = int32(int32(ld_shared(smem, TILE_BASE + cc * TILE_LD + 32 * wi + lane)) + col)
+                        if ex != 0:
+                            for wi in range(WORDS_PER_COLUMN):
+                                sums[wi] = int32(sums[wi] + weight_sum_term(smem, cc, border, ex, ch_sum_w[wi], ch_m[wi],
+                                                                            tap_sums, H, W, R, S))
                         for wi in range(WORDS_PER_COLUMN):
                             valid = ch_valid[wi] != 0
                             if LEVELS:  # integer comparisons: affine, ReLU and quantizer in one
-                                v = conv_sum(smem, cc, wi, lane, col, border, ex, ch_sum_w[wi], ch_m[wi], tap_sums, H, W, R, S)
-                                code = level_code(v, ch_levels, wi, lo)
+                                code = level_code(sums[wi], ch_levels, wi, lo)
                             else:
-                                t = conv_value(smem, cc, wi, lane, col, border, ex, ch_sum_w[wi], ch_m[wi], ch_scale[wi],
-                                               ch_bias[wi], tap_sums, H, W, R, S)
+                                t = f32_add_rn(f32_mul_rn(float32(sums[wi]), ch_scale[wi]), ch_bias[wi])
                                 if RES_BITS > 0:
                                     rc = lane_code(res_planes, wi, RES_BITS, RES_ENC, lane)
                                     t = f32_add_rn(t, f32_mul_rn(float32(rc - res_zp), res_scale))

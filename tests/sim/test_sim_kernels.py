@@ -123,6 +123,14 @@ def test_apconv_fused_epilogue(rng, out, res, signs, device):
                       config=TileConfig(2, 1, 1, 1, 2), signs=signs, device_constants=device)
 
 
+@pytest.mark.parametrize("device", [False, True])
+def test_apconv_fused_epilogue_binary_activations(rng, device):
+    """+-1 activations: the weight-sum term (ex * SWv) is nonzero and differs at the border pixels; two
+    words a tile (the epilogue's words of a pixel, loaded and stored as one block), thresholds or float32."""
+    check_conv_packed(rng, Precision.parse("b1"), Precision.parse("s2"), (1, 4, 5, 40), 60, 3, 1, 1,
+                      Precision.parse("u2"), config=TileConfig(2, 1, 2, 1, 2), signs=True, device_constants=device)
+
+
 def test_apconv_fused_epilogue_tile_past_the_row(rng):
     """200 channels in 96-row tiles: the last tile's words 6..8 of a row of 8 (256 channels' padding) - its
     word 8 is not stored (it would be word 0 of the next pixel's row)."""
