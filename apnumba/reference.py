@@ -467,6 +467,24 @@ def requantize_by_thresholds(y, thresholds, precision):
     return (precision.lo + step * (yp > thresholds[:, 1:]).sum(axis=-1)).astype(np.int32)
 
 
+def planes_by_thresholds(y, thresholds, precision):
+    """Bit planes (b, ..., K) of ``requantize_by_thresholds``'s codes, as the GPU epilogue forms them: the
+    thresholds of a channel rise (the requantizer is monotone), so the passed ones are T_1 .. T_c, and bit
+    j of c is the XOR of passing T_{2^j}, T_{2 * 2^j}, ... (floor(c / 2^j) odd); signed codes lo + c flip
+    the top bit, +-1 codes -1 + 2c have the pattern c.  Needs 2^b - 1 levels (one for +-1 codes)."""
+    precision = Precision.parse(precision)
+    _, levels = threshold_levels(precision)
+    yp = np.asarray(y, np.int64)[..., None] * thresholds[:, 0].astype(np.int64)[:, None]
+    passed = yp > thresholds[:, 1:]  # (..., K, levels): threshold k + 1 passed
+    planes = []
+    for j in range(precision.bits):
+        bit = np.full(passed.shape[:-1], precision.encoding is Encoding.SIGNED and j == precision.bits - 1)
+        for m in range(1, levels // (1 << j) + 1):
+            bit ^= passed[..., (m << j) - 1]
+        planes.append(bit)
+    return np.stack(planes).astype(np.uint8)
+
+
 def requantize_pool(y, scale, bias, precision, zero_point=0, relu=False, mode="max"):
     """The fused epilogue with a 2x2 stride-2 pooling (floor mode) before the quantizer, in float32:
 

@@ -230,6 +230,10 @@ def test_requantize_thresholds_equal_the_float_epilogue(prec, relu, seed):
                         np.full((2, K), 2**31 - 1) * np.array([[1], [-1]]), edges.T, edges.T + 1, edges.T - 1])
     y = np.clip(y, -(2**31) + 1, 2**31 - 1).astype(np.int32)
     assert (R.requantize_by_thresholds(y, thr, p) == R.requantize(y, scale, bias, p, zp, relu)).all()
+    # a channel's thresholds rise, so the planes come straight from the comparisons (the GPU's bit logic)
+    assert (np.diff(thr[:, 1:].astype(np.int64), axis=1) >= 0).all()
+    if p.bits <= 3:
+        assert (R.planes_by_thresholds(y, thr, p) == R.bit_planes(R.requantize_by_thresholds(y, thr, p), p)).all()
 
 
 def test_requantize_thresholds_need_finite_constants():
