@@ -62,7 +62,8 @@ def _signature(out):
     out = {False: "i32", True: "f32"}.get(out, out)
     words, i32s = uint32[::1], int32[::1]
     return (words, words, int32, int32, int32, i32s, i32s, i32s, int32, int32, int32,
-            i32s, i32s, i32s, float32[::1], float32[::1], _OUT_TYPES[out][::1], i32s, i32s, words, float32, i32s)
+            i32s, i32s, i32s, float32[::1], float32[::1], _OUT_TYPES[out][::1], i32s, i32s, words, float32, i32s,
+            i32s, uint32[::1])
 
 
 @functools.lru_cache(maxsize=None)
@@ -76,9 +77,26 @@ def _dummy(dtype):
     return cuda.device_array(1, dtype)
 
 
+def _split_buffers(cfg, M, N):
+    """Split K's workspace and tile counters (zeroed once; each launch leaves them zero), or dummies."""
+    if cfg.split_k == 1:
+        return _dummy(np.int32), _dummy(np.uint32)
+    words = cfg.split_words(M, N)
+    if words >= 2**31:
+        raise ValueError(f"config: split_k={cfg.split_k} needs a workspace of {words} int32, at most 2**31 - 1; split less")
+    return cuda.device_array(words, np.int32), cuda.to_device(np.zeros(cfg.blocks(M, N), np.uint32))
+
+
 @functools.lru_cache(maxsize=None)
 def _geometry(values):
     return cuda.to_device(np.asarray(values, np.int32))
+
+
+# Blocks of eight warps at least: one- and two-warp blocks issue at a fraction of the rate (H100, same run:
+# APNN-TC sweep w1a2 C = K = 256 / 512 8.0 / 11.1 us with the cost model's one-warp tiles, 5.1 / 6.1 with
+# its best of eight warps; ResNet-18's layer4 1x1/2 downsample at batch 8 8.5 -> 6.8 us, w1a1 layer4 3x3
+# 23.5 -> 10.0).
+MIN_CONV_THREADS = 256
 
 
 def conv_config(p, q, M, N, K, packed=False, mma="b1"):
@@ -87,18 +105,23 @@ def conv_config(p, q, M, N, K, packed=False, mma="b1"):
     output needs whole 32-channel words per block (block_m a multiple of 32).  Where the grid has blocks
     for two per SM, one k-step a stage: more k-steps a stage cost ~40 registers, so one block per SM
     instead of two, and were 1.3-1.6x slower on every ResNet-18 3x3 layer at batch 256 (H100).
-    96 or 192 output channels may take 96-row tiles (three m16 tiles a warp): no idle padding rows."""
+    96 or 192 output channels may take 96-row tiles (three m16 tiles a warp): no idle padding rows.
+    Blocks of MIN_CONV_THREADS at least where the model offers one.  An int32 / float32 output of few
+    tiles and a long K splits K over two blocks (``tuning.hopper_split_conv_config``)."""
     hopper = tuning.hopper_conv_config(p, q, M, N, K) if _wgmma_ok(mma) else None
+    if hopper is None and not packed and _wgmma_ok(mma):
+        hopper = tuning.hopper_split_conv_config(p, q, M, N, K)
     if hopper is not None:
         return hopper
-    for cfg in tuning.candidates(p, q, M, N, K, limit=64, three_m_tiles=True):
-        if (cfg.mma_per_step(p, q) <= 16 and cfg.shared_bytes(p, q, True) <= tuning.MAX_SHARED_PER_BLOCK
-                and not (packed and cfg.block_m % 32)):
-            blocks = cfg.blocks(M, N)
-            if cfg.steps > cfg.warps_k and blocks >= 2 * tuning.SMS:
-                cfg = dataclasses.replace(cfg, stage_steps=0)
-            return cfg
-    return tuning.TileConfig(2, 1, 1, 1, 2)
+    fits = [cfg for cfg in tuning.candidates(p, q, M, N, K, limit=64, three_m_tiles=True)
+            if cfg.mma_per_step(p, q) <= 16 and cfg.shared_bytes(p, q, True) <= tuning.MAX_SHARED_PER_BLOCK
+            and not (packed and cfg.block_m % 32)]
+    cfg = next((c for c in fits if c.threads >= MIN_CONV_THREADS), fits[0] if fits else None)
+    if cfg is None:
+        return tuning.TileConfig(2, 1, 1, 1, 2)
+    if cfg.steps > cfg.warps_k and cfg.blocks(M, N) >= 2 * tuning.SMS:
+        cfg = dataclasses.replace(cfg, stage_steps=0)
+    return cfg
 
 
 MAX_LEVELS = 7  # threshold comparisons per channel, at most (3-bit outputs)
@@ -216,12 +239,13 @@ def prepare_apconv(x, w, stride=1, padding=0, *, out=None, scale=None, bias=None
     if packed and residual is None and pool is None:  # (with a fused 2x2 max pool they measured slower: VGG
         levels, thresholds = _thresholds(scale, bias, K, out, relu)  # conv2 at batch 256, +3-14%)
     epilogue = (epi[0], epi[1], epi[4], epi[5], whole_rows, levels, out.packing == "bytes") if packed else None
+    split_ws, split_count = _split_buffers(cfg, M, Npix)
     bound = launcher(p, q, cfg, kind, mma, epilogue, w.tap_words == 1).bind(
-        cfg.grid(M, Npix), (cfg.threads,), stream,
+        cfg.launch_grid(M, Npix), (cfg.threads,), stream,
         (w.words, x.words, M, Npix, w.kwords, _geometry((H, W, x.kwords, R, S, int(stride), int(padding), OH, OW, C, w.tap_words)),
          _coef(w.precision, packing), _coef(x.precision, packing), ex, ew, ew * ex - ex * dw - ew * dx, w.rowsum, w.tap_sums, x.rowsum,
          _vector(scale, K, "scale", ones), _vector(bias, K, "bias", zeros), y, y_rowsum,
-         _geometry(tuple(int(v) for v in epi)), res_words, float(residual_scale), thresholds),
+         _geometry(tuple(int(v) for v in epi)), res_words, float(residual_scale), thresholds, split_ws, split_count),
     )
 
     def launch():
@@ -230,4 +254,5 @@ def prepare_apconv(x, w, stride=1, padding=0, *, out=None, scale=None, bias=None
         bound()
 
     launch.out, launch.config, launch.compiled = out, cfg, bound.compiled
+    launch.split_count = split_count  # (split K's tile counters: zero between launches)
     return launch

@@ -178,6 +178,27 @@ def hopper_conv_config(p, q, M, N, K):
     return cfg
 
 
+SPLIT_MIN_K_TILES = 12  # k-tiles (of 4 k-steps) at least, so each of two shares keeps >= 6
+
+
+def hopper_split_conv_config(p, q, M, N, K):
+    """On sm_90, a convolution whose int32 / float32 output has too few tiles for the SMs and a long K: wgmma
+    tiles of 128 weight rows x 64 pixels, four k-steps a stage, K split over two blocks (``split_k``) where
+    that makes a half to one wave.  H100, the APNN-TC sweep (batch 1, 16x16, 3x3), against the mma.sync
+    default in the same run: C = K = 1536 w1a2 14.4 -> 12.9 us, w2a2 20.9 -> 16.4; C = K = 2048 w1a2 16.8 ->
+    14.4, w2a2 25.3 -> 18.9.  None elsewhere: at C = K = 1024 (32 tiles, 9 k-tiles) and 768 the split was
+    slower than the default, on the packed outputs of batch-8 layers (<= 5 k-tiles) 1.3-1.8x slower (a
+    block's prologue and epilogue cost more than the k-tiles it saves), and with several plane passes."""
+    group = 2 if p % 2 == 0 else 1
+    cfg = wgmma_config(p, q, 2, 4, columns=min(256, 64 * group * q), max_stages=4)
+    if cfg is None or cfg.passes(p) > 1 or cfg.block_n != 64:
+        return None
+    tiles, k_tiles = cfg.blocks(M, N), math.ceil(math.ceil(K / 256) / cfg.steps)
+    if not (SMS <= 4 * tiles and 2 * tiles <= SMS) or k_tiles < SPLIT_MIN_K_TILES:
+        return None
+    return dataclasses.replace(cfg, split_k=2)
+
+
 def wgmma_config(p, q, warpgroups=2, steps=2, columns=256, max_stages=8):
     """The warpgroup (sm_90a wgmma) tile for w{p}a{q}: ``warpgroups`` x 64 rows, at most two weight planes
     a pass, as many columns as ``columns`` / 2 accumulator registers hold (plane group x q x block_n =

@@ -3,6 +3,7 @@
     compute-sanitizer --tool memcheck  python tests/sanitize_kernels.py
     compute-sanitizer --tool racecheck python tests/sanitize_kernels.py
     compute-sanitizer --tool racecheck python tests/sanitize_kernels.py wgmma   # the warpgroup tiles only
+    compute-sanitizer --tool memcheck  python tests/sanitize_kernels.py split   # split-K convolutions only
 
 Small problems (the tools are slow); every result is also checked against the reference.
 Not collected by pytest (no test_ prefix).
@@ -34,10 +35,24 @@ def wgmma_cases(rng):
     print("apconv on warpgroup tiles: clean run, exact", flush=True)
 
 
+def split_cases(rng):
+    """Convolutions with K split over blocks (the workspace, the counters, the last block's reads): int32 on
+    mma.sync and warpgroup tiles, a fused epilogue over several channel blocks, each launched twice."""
+    import dataclasses
+
+    for cfg in (TileConfig(2, 4, 2, 1, 4, stage_steps=4, split_k=3), TileConfig(2, 2, 1, 2, 3, split_k=5)) + (
+            (dataclasses.replace(wgmma_config(1, 2, 2, 4, 128, 4), split_k=2),) if compute_capability() == (9, 0) else ()):
+        for _ in range(2):
+            check_conv(rng, Precision.parse("u2"), Precision.parse("b1"), (1, 8, 8, 600), 72, 3, 1, 1, cfg)
+            check_conv_packed(rng, Precision.parse("u2"), Precision.parse("b1"), (1, 8, 8, 600), 96, 3, 1, 1,
+                              Precision.parse("u2"), config=cfg, signs=True)
+        print(f"apconv split {cfg.short()}: clean run, exact", flush=True)
+
+
 def main():
     rng = np.random.default_rng(7)
-    if sys.argv[1:] == ["wgmma"]:
-        wgmma_cases(rng)
+    if sys.argv[1:] in (["wgmma"], ["split"]):
+        (wgmma_cases if sys.argv[1] == "wgmma" else split_cases)(rng)
         print("all sanitizer cases match the reference")
         return
     check_pack(rng, 37, 300, Precision.parse("s3"))
@@ -65,6 +80,7 @@ def main():
                       Precision.parse("u2"), config=TileConfig(2, 2, 3, 2, 4))  # a row's last tile past its words
     if compute_capability() == (9, 0):
         wgmma_cases(rng)
+    split_cases(rng)
     check_pooling_and_add(rng, (2, 6, 7, 40), Precision.parse("u2"), 1)
     # Byte packing: the int8 mma, the byte packers (rows; an image's pixels), a byte conv with the fused
     # epilogue storing whole rows' sums, and a stem reading the image's bytes one word a tap (several tiles

@@ -6,6 +6,7 @@
 - register counts are printed (pytest -s) for the record.
 """
 
+import dataclasses
 import itertools
 import re
 
@@ -413,3 +414,56 @@ def test_conv_config_keeps_one_k_step_a_stage_on_large_grids():
     for M, N, C in [(256, 256 * 14 * 14, 256), (512, 256 * 7 * 7, 512), (64, 256 * 56 * 56, 64)]:
         cfg = conv_config(1, 2, M, N, 9 * C, packed=True)
         assert cfg.blocks(M, N) >= 2 * SMS and cfg.steps == cfg.warps_k, cfg.short()
+
+
+@pytest.mark.parametrize("cc", CCS, ids=lambda cc: f"sm_{cc[0]}{cc[1]}")
+@pytest.mark.parametrize("out", ["i32", "pack"])
+def test_apconv_split_k(cc, out):
+    """K split over blocks: each stores its partial tile (16-byte stores), thread 0 counts the block in with
+    one wrapping atomic increment between two acquire-release fences (no sequentially consistent one), the
+    last block reads the others' slots past L1 (ld.global.cg: LDG ... STRONG.GPU) - still no local memory,
+    and two blocks of 256 threads per SM as without the split.  Without a split none of it is there."""
+    from apnumba.conv import _signature as conv_signature
+
+    base = TileConfig(2, 4, 2, 2, 4, stage_steps=4)
+    epilogue = (2, 0, 0, 0, False, 3) if out == "pack" else None
+    split = sass.compile_kernel(apconv_kernel(1, 2, dataclasses.replace(base, split_k=3), out, "b1", epilogue).py_func,
+                                conv_signature(out), cc)
+    plain = sass.compile_kernel(apconv_kernel(1, 2, base, out, "b1", epilogue).py_func, conv_signature(out), cc)
+    # (sm_80: the column terms' lane shuffles are a routine call there, with or without a split)
+    check_clean(split, count=base.mma_per_step(1, 2), calls_ok=cc < (9, 0))
+    ops, plain_ops = split.opcodes(), plain.opcodes()
+    assert "atom.global.inc.u32" in split.ptx and split.ptx.count("fence.acq_rel.gpu;") == 2 and "ld.global.cg.v4" in split.ptx
+    assert "membar.gl" not in split.ptx and "fence.sc" not in split.ptx
+    assert ops["ATOMG.E.INC.STRONG.GPU"] == 1 and any(k.startswith("LDG.E.128.STRONG.GPU") for k in ops), sorted(ops)
+    assert not [k for k in plain_ops if k.startswith(("ATOMG.E.INC", "MEMBAR"))] and "ld.global.cg" not in plain.ptx
+    assert split.registers <= 128, split.registers
+    # one build serves every share count (the kernel reads it from the grid)
+    assert apconv_kernel(1, 2, dataclasses.replace(base, split_k=7), out, "b1", epilogue) is \
+        apconv_kernel(1, 2, dataclasses.replace(base, split_k=2), out, "b1", epilogue)
+
+
+def test_split_k_config():
+    """Where the H100 default splits K: int32 / float32 convolutions of few wgmma tiles and >= 12 four-step
+    k-tiles (APNN-TC's C = K = 1536 and 2048 at 16x16), two shares; not at C = K = 1024 (slower there), not
+    for packed outputs, not for weights of several plane passes.  Bad shares are refused."""
+    from apnumba.conv import conv_config
+    from apnumba.tuning import hopper_split_conv_config
+
+    for p, q in [(1, 2), (2, 2), (1, 3), (1, 4)]:
+        for C in (1536, 2048):
+            cfg = hopper_split_conv_config(p, q, C, 256, 9 * C)
+            assert cfg.short() == "8x1w1x8t4sx4Wz2" and cfg.blocks(C, 256) * 2 <= 132, (p, q, C, cfg.short())
+        assert hopper_split_conv_config(p, q, 1024, 256, 9 * 1024) is None
+    assert hopper_split_conv_config(4, 4, 2048, 256, 9 * 2048) is None
+    assert conv_config(1, 2, 2048, 256, 9 * 2048, packed=True).split_k == 1
+    # the mma.sync tiles of small convolutions have eight warps at least (one-warp blocks were 1.1-1.8x slower)
+    for C in (128, 256, 512):
+        assert conv_config(1, 2, C, 256, 9 * C).threads >= 256
+    assert TileConfig(split_k=3).launch_grid(100, 50) == (1, 1, 3) and TileConfig(split_k=3).short().endswith("z3")
+    assert TileConfig(2, 2, 1, 1, split_k=2).split_words(40, 20) == 4 * 2 * 32 * 16  # 2 x 2 tiles, 2 shares
+    for bad in (0, 17):
+        with pytest.raises(ValueError, match="split_k: expected 1 to 16"):
+            TileConfig(split_k=bad)
+    with pytest.raises(ValueError, match="split_k is for convolutions"):
+        apmm_kernel(1, 2, TileConfig(split_k=2), False)

@@ -1,5 +1,6 @@
 """On a GPU (skipped cleanly without one): intrinsics, packing and APMM at real sizes against the reference."""
 
+import dataclasses
 import itertools
 
 import numpy as np
@@ -278,6 +279,47 @@ def test_apconv_wgmma_fused_epilogue(rng, out, residual, pool):
         # +-1 activations: the weight-sum term at the border pixels (the column terms gathered in the main loop)
         check_conv_packed(rng, Precision.parse("b1"), Precision.parse("b1"), (2, 15, 13, 96), 128, 3, 1, 1,
                           Precision.parse(out), relu=out.startswith("u"), config=cfg, pool=pool, signs=True)
+
+
+# Split K: blocks sum shares of the k-tiles, the last of a tile adds the others' partial tiles and runs the
+# epilogue.  Ragged shares (36 k-steps: 9 four-step k-tiles over 2 shares -> 5 + 4, over 5 -> 2, 2, 2, 2, 1;
+# 36 one-step k-tiles -> 8 x 4 + 4), int32, float32 and every fused epilogue, mma.sync and warpgroup tiles.
+SPLIT_TILES = {"mma": TileConfig(2, 4, 2, 1, 4, stage_steps=4), "mma-step": TileConfig(2, 2, 1, 2, 3, plane_group=1),
+               "wgmma": wgmma_config(1, 2, 2, 4, columns=128, max_stages=4)}
+
+
+@pytest.mark.parametrize("tile", list(SPLIT_TILES))
+def test_apconv_split_k(rng, tile):
+    if tile == "wgmma" and not _sm90():
+        pytest.skip("wgmma tiles need an sm_90 GPU")
+    for split in (2, 5):  # (one build serves every share count)
+        cfg = dataclasses.replace(SPLIT_TILES[tile], split_k=split)
+        check_conv(rng, Precision.parse("u2"), Precision.parse("b1"), (1, 16, 16, 1024), 200, 3, 1, 1, cfg)
+        check_conv(rng, Precision.parse("s2"), Precision.parse("s2"), (2, 9, 7, 300), 70, 3, 2, 1, cfg, out_float=True)
+        check_conv(rng, Precision.parse("b1"), Precision.parse("b1"), (1, 12, 12, 96), 64, 5, 1, 2, cfg)
+        for out, res, pool in [("u2", None, None), ("s3", "u2", None), ("u2", None, "max"), ("u8", None, None)]:
+            check_conv_packed(rng, Precision.parse("u2"), Precision.parse("b1"), (2, 10, 10, 600), 96, 3, 1, 1,
+                              Precision.parse(out), relu=out != "s3", residual_precision=res and Precision.parse(res),
+                              config=cfg, pool=pool, signs=True, out_packing="bytes" if out == "u8" else "bits")
+
+
+@requires_sm90
+def test_apconv_split_k_default_and_relaunch(rng):
+    """Where the H100 default splits K (an int32 output of few tiles and a long K: APNN-TC's C = K = 2048),
+    twice through one launch: equal to the reference both times, the counters zero after each."""
+    from apnumba.conv import PackedConvWeight, prepare_apconv
+
+    x = R.random_codes(rng, (1, 16, 16, 2048), "u2")
+    w = R.random_codes(rng, (2048, 3, 3, 2048), "b1")
+    expect = R.conv2d_int(x, w, 1, 1).astype(np.int32)
+    out = cuda.device_array(expect.shape, np.int32)
+    run = prepare_apconv(PackedTensor.from_codes(x, "u2"), PackedConvWeight.from_codes(w, "b1"), 1, 1, out=out)
+    assert run.config.split_k == 2 and run.config.wgmma, run.config.short()
+    for _ in range(2):
+        out.copy_to_device(np.full(expect.shape, -123456789, np.int32))  # poisoned
+        run()
+        assert (out.copy_to_host() == expect).all()
+        assert not run.split_count.copy_to_host().any()
 
 
 @pytest.mark.parametrize("out,residual", [("u2", None), ("u2", "u2"), ("b1", None), ("s4", "s3"), ("u8", "b1")])

@@ -25,7 +25,11 @@ Tiles (``TileConfig``; m runs over W rows, n over X rows; "real" sizes, planes o
                    +-----------+-----------+
 
 ``warps_k`` > 1 splits K inside the block: warp group kg takes k-step kg of
-every stage, and the groups' sums meet in the output tile.
+every stage, and the groups' sums meet in the output tile.  ``split_k`` > 1
+(convolutions) splits it over blocks instead - grid z, block z sums share z of
+the k-tiles; the shares' tiles meet in a global workspace, and the last block of
+a tile to finish (an atomic counter) adds them and runs the epilogue alone
+(``split_k_reduce``).  It pays where a long K has too few output tiles for the SMs.
 
 Shared memory, one stage (warps_k k-steps of 256 bits), ``stages`` deep (a cp.async ring)::
 
@@ -67,6 +71,7 @@ corrections (c_sw, c_sx, c_const), then int32, or float32 ``fadd_rn(fmul_rn(y, s
 (2) is where fused epilogues (requantize, pack, ReLU, residual) plug in.
 """
 
+import dataclasses
 from dataclasses import dataclass
 import functools
 
@@ -75,6 +80,7 @@ from numba import cuda, float32, int32, int64, uint32, uint64
 from .pack import ENC_BINARY, ENC_SIGNED, code_range, encode_code, lane_group_sum, quantize_code, warp_sum
 from .packed_ops import lane_code, store_word_at
 from .ptx import (
+    ld_global_cg_v4,
     sleep_ns,
     sm_count,
     SIMULATOR,
@@ -84,6 +90,7 @@ from .ptx import (
     cp_async_wait,
     DESC_SWIZZLE,
     divmod_u32,
+    fence_acq_rel_gpu,
     fence_proxy_async,
     pin_registers,
     smem_addr,
@@ -112,6 +119,7 @@ from .ptx import (
 K_STEP_WORDS = 8  # 256 bits: one m16n8k256 k-step
 MAX_SUB_STEPS = 8  # k-steps of one warp per stage (stage_steps / warps_k), at most
 MAX_THREADS = 512
+MAX_SPLIT_K = 16
 
 
 @dataclass(frozen=True)
@@ -134,6 +142,9 @@ class TileConfig:
     # warpgroup of 64 rows with mt = 1, warps_n = 1 and nt * 8 = block_n columns; per k-step a
     # warpgroup issues one m64n(q * block_n)k256 per weight plane of the pass.
     wgmma: bool = False
+    # > 1 (convolutions): blocks splitting K (grid z) - each sums a share of the k-tiles, the last of a tile to
+    # finish adds the others' partial tiles (left in a global workspace) and runs the epilogue alone.
+    split_k: int = 1
 
     def __post_init__(self):
         for name in ("warps_m", "warps_n", "mt", "nt", "warps_k"):
@@ -149,6 +160,8 @@ class TileConfig:
             raise ValueError(f"min_blocks: expected >= 0, got {self.min_blocks}")
         if self.raster < 0:
             raise ValueError(f"raster: expected >= 0, got {self.raster}")
+        if not 1 <= self.split_k <= MAX_SPLIT_K:
+            raise ValueError(f"split_k: expected 1 to {MAX_SPLIT_K}, got {self.split_k}")
         if not 0 <= self.stagger_us <= 1000:
             raise ValueError(f"stagger_us: expected 0 to 1000, got {self.stagger_us}")
         if self.threads > MAX_THREADS:
@@ -177,8 +190,16 @@ class TileConfig:
         return self.stage_steps or self.warps_k
 
     def grid(self, M, N):
-        """The launch grid of an M x N output: (column blocks, row blocks)."""
+        """The output tiles of an M x N output: (column blocks, row blocks)."""
         return -(-N // self.block_n), -(-M // self.block_m)
+
+    def launch_grid(self, M, N):
+        """The launch grid: the output tiles, times ``split_k`` along z."""
+        return (*self.grid(M, N), self.split_k)
+
+    def split_words(self, M, N):
+        """int32 words of the split-K workspace: every block's partial output tile (0 without a split)."""
+        return self.blocks(M, N) * self.split_k * self.block_m * self.block_n if self.split_k > 1 else 0
 
     def blocks(self, M, N):
         """Thread blocks of an M x N output."""
@@ -216,6 +237,7 @@ class TileConfig:
         extra += f"b{self.min_blocks}" if self.min_blocks else ""
         extra += f"d{self.stagger_us}" if self.stagger_us else ""
         extra += "W" if self.wgmma else ""
+        extra += f"z{self.split_k}" if self.split_k > 1 else ""
         return f"{self.warps_m}x{self.warps_n}w{self.mt}x{self.nt}t{self.stages}s{extra}"
 
 
@@ -244,13 +266,14 @@ def apmm_kernel(p, q, config, out_float, mma="b1"):
     dynamic shared memory config.shared_bytes(p, q).
     """
     _check_mma(mma, p, q, config)
+    if config.split_k > 1:
+        raise ValueError(f"config: split_k is for convolutions (APMM tiles sum all of K), got {config.short()}")
     return _build(p, q, config, out_float, conv=False, mma=mma)
 
 
 OUT_KINDS = ("i32", "f32", "pack", "pack_max", "pack_avg")
 
 
-@functools.lru_cache(maxsize=None)
 def apconv_kernel(p, q, config, out, mma="b1", epilogue=None, word_taps=False):
     """The APConv kernel: the same pipeline with B gathered from NHWC activations (an implicit GEMM).
 
@@ -268,14 +291,22 @@ def apconv_kernel(p, q, config, out, mma="b1", epilogue=None, word_taps=False):
     plane loops unroll (res_bits 0: no residual), with ``whole_rows`` (the block holds every output channel:
     M <= block_m) a pixel's code sum is stored, not added atomically to a zeroed row sum; ``levels`` > 0:
     integer thresholds instead of the float32 requantize; ``bytes_out``: code bytes instead of bit planes.
-    Launch: grid (ceil(N / block_n), ceil(M / block_m)), block (config.threads,),
-    dynamic shared memory config.shared_bytes(p, q, conv=True).
+    Launch: grid config.launch_grid(M, N) - (ceil(N / block_n), ceil(M / block_m), split_k) - block
+    (config.threads,), dynamic shared memory config.shared_bytes(p, q, conv=True); with split_k > 1 the
+    split's workspace (config.split_words(M, N) int32) and tile counters (zeroed once) - ``split_k_reduce``.
     """
     _check_mma(mma, p, q, config)
     if out not in OUT_KINDS:
         raise ValueError(f"out: expected one of {OUT_KINDS}, got {out!r}")
     if config.stagger_us:
         raise ValueError(f"config: stagger_us is for APMM tiles, convolutions start every block at once, got {config.short()}")
+    if config.split_k > 2:  # (the kernel reads its share count from the grid: one build serves every split)
+        config = dataclasses.replace(config, split_k=2)
+    return _apconv_kernel(p, q, config, out, mma, epilogue, bool(word_taps))
+
+
+@functools.lru_cache(maxsize=None)
+def _apconv_kernel(p, q, config, out, mma, epilogue, word_taps):
     if out.startswith("pack") and config.block_m % 32:
         raise ValueError(f"config: packing the output needs block_m a multiple of 32, got {config.block_m}")
     if out.startswith("pack") and (epilogue is None or len(epilogue) not in (5, 6, 7)):
@@ -335,6 +366,14 @@ def _build(p, q, config, out, conv, mma, epilogue=None, word_taps=False):
     LEVEL_PATTERNS = LEVELS > 0 and not OUT_BYTES and LEVELS == (1 if OUT_ENC == ENC_BINARY else (1 << OUT_BITS) - 1)
     RES_ARRAY_PLANES = max(RES_BITS, 1)  # (a local array needs a size even without a residual)
     RASTER, STREAM_OUT = config.raster, config.stream_out
+    SPLIT = config.split_k > 1
+    # The output tile as rows of 4-word groups (the split-K reduction walks it 16 bytes at a time).
+    TILE_ROWS, TILE_COLS4 = (BN, BM // 4) if TILE_NM else (BM, BN // 4)
+    SPLIT_GROUPS = TILE_ROWS * TILE_COLS4
+    SPLIT_PER_THREAD = -(-SPLIT_GROUPS // THREADS)
+    SPLIT_CHUNK = min(SPLIT_PER_THREAD, 8)
+    SPLIT_PER_THREAD = -(-SPLIT_PER_THREAD // SPLIT_CHUNK) * SPLIT_CHUNK
+    SPLIT_WHOLE = SPLIT_GROUPS == SPLIT_PER_THREAD * THREADS  # every thread's every group is in the tile
     STAGGER_NS = 1000 * config.stagger_us
     WORD_TAPS = word_taps  # a tap is one word: a chunk of K is four taps (conv only)
     COLS4 = BN // 4  # 4-column groups of the output tile
@@ -606,6 +645,77 @@ def _build(p, q, config, out, conv, mma, epilogue=None, word_taps=False):
             if WK > 1:
                 cuda.syncthreads()
         cuda.syncthreads()
+
+    @cuda.jit(device=True, inline="always")
+    def tile_group(i):
+        """Word offset of 4-word group i of the int32 output tile (row by row)."""
+        r, c4 = divmod_u32(i, TILE_COLS4)
+        return TILE_BASE + r * TILE_LD + 4 * c4
+
+    @cuda.jit(device=True, inline="always")
+    def split_k_range(k_tiles):
+        """This block's k-tiles when gridDim.z blocks split K: (first, count) - equal shares, the last
+        one shorter (the host picks splits that leave none empty; an empty one would add zeros)."""
+        share, _ = divmod_u32(k_tiles + cuda.gridDim.z - 1, cuda.gridDim.z)  # (32-bit: no division routine)
+        first = int32(cuda.blockIdx.z * share)
+        return first, int32(max(min(share, k_tiles - first), 0))
+
+    @cuda.jit(device=True, inline="always")
+    def split_k_reduce(smem, split_ws, split_count, tid):
+        """Split K's meeting point, after the fold (the block's partial int32 tile in shared memory).
+
+        Every block stores its partial tile to its slot of the workspace, then counts itself in at the
+        tile's counter; the last to arrive (``atom.inc`` wraps the counter back to 0 for the next launch)
+        adds the other slots into its own tile and returns True - it runs the epilogue; the others
+        return False and exit.  Stores, then a fence, then the count (the CUDA threadFenceReduction
+        pattern: the barrier makes the block's stores thread 0's, its release fence publishes them with the
+        count, its acquire fence sees the other blocks'); the last block reads the slots from L2 (``ld.global.cg``)."""
+        splits = cuda.gridDim.z
+        tile = cuda.blockIdx.y * cuda.gridDim.x + cuda.blockIdx.x
+        slot0 = int32(tile * splits) * (BM * BN)
+        own = slot0 + int32(cuda.blockIdx.z) * (BM * BN)
+        for i in range(tid, SPLIT_GROUPS, THREADS):
+            four = ld_shared_v4(smem, tile_group(i))
+            st_global_v4(split_ws, own + 4 * i, four[0], four[1], four[2], four[3])
+        cuda.syncthreads()
+        last = int32(0)
+        if tid == 0:
+            fence_acq_rel_gpu()
+            last = int32(cuda.atomic.inc(split_count, tile, uint32(splits - 1)) == uint32(splits - 1))
+            fence_acq_rel_gpu()
+        if cuda.syncthreads_or(last) == 0:
+            return False
+        # The other slots' groups of this thread, SPLIT_CHUNK at a time: all of a slot's loads issued before
+        # the first add (a load-add-store loop would wait for L2 once per group: H100, 128 x 64 tiles, +6 us).
+        sums = cuda.local.array((SPLIT_CHUNK, 4), int32)
+        part = cuda.local.array((SPLIT_CHUNK, 4), int32)
+        for j0 in range(0, SPLIT_PER_THREAD, SPLIT_CHUNK):
+            for j in range(SPLIT_CHUNK):
+                i = tid + (j0 + j) * THREADS
+                if SPLIT_WHOLE or i < SPLIT_GROUPS:
+                    four = ld_shared_v4(smem, tile_group(i))
+                    for e in range(4):
+                        sums[j, e] = four[e]
+            for z in range(splits):
+                if z != cuda.blockIdx.z:
+                    slot = slot0 + int32(z) * (BM * BN)
+                    for j in range(SPLIT_CHUNK):
+                        i = tid + (j0 + j) * THREADS
+                        if SPLIT_WHOLE or i < SPLIT_GROUPS:
+                            four = ld_global_cg_v4(split_ws, slot + 4 * i)
+                            for e in range(4):
+                                part[j, e] = four[e]
+                    for j in range(SPLIT_CHUNK):
+                        for e in range(4):
+                            sums[j, e] = int32(sums[j, e] + part[j, e])
+            for j in range(SPLIT_CHUNK):
+                i = tid + (j0 + j) * THREADS
+                if SPLIT_WHOLE or i < SPLIT_GROUPS:
+                    at = tile_group(i)
+                    st_shared_v2(smem, at, sums[j, 0], sums[j, 1])
+                    st_shared_v2(smem, at + 2, sums[j, 2], sums[j, 3])
+        cuda.syncthreads()
+        return True
 
     def apmm(a_words, b_words, M, N, kwords, coef_w, coef_x, c_sw, c_sx, c_const,
              sum_w, sum_x, scale, bias, y, y_stride_m, y_stride_n):
@@ -951,7 +1061,8 @@ def _build(p, q, config, out, conv, mma, epilogue=None, word_taps=False):
             word_r[i] = int32(word_r[i] + stage_r + (1 if carry else 0))
 
     def apconv(a_words, b_words, M, N, kwords, geometry, coef_w, coef_x, ex, ew, c_k,
-               sum_w, tap_sums, sum_x, scale, bias, y, y_rowsum, epi, res_words, res_scale, thresholds):
+               sum_w, tap_sums, sum_x, scale, bias, y, y_rowsum, epi, res_words, res_scale, thresholds,
+               split_ws, split_count):
         """Implicit-GEMM convolution: a_words = weights (K_out x kwords: R*S taps of tap_words words, padded
         to whole k-steps), b_words = NHWC activations.
 
@@ -962,6 +1073,8 @@ def _build(p, q, config, out, conv, mma, epilogue=None, word_taps=False):
         res_zero_point, out_cwords, res_cwords] (res_bits 0: no residual), res_words the residual's words.
         Corrections (reference.py, convolution): per output pixel n with Kv = valid taps x C,
             y = sum of plane pairs + ex * SWv[m, n] + ew * SXv[n] + c_k * Kv
+        split_ws, split_count: split K's workspace (config.split_words int32) and per-tile counters (uint32,
+        zero before the first launch; each launch leaves them zero) - see split_k_reduce.
         """
         smem = stages_memory()
         tid = cuda.threadIdx.x
@@ -987,6 +1100,9 @@ def _build(p, q, config, out, conv, mma, epilogue=None, word_taps=False):
         tap_words = geometry[10]  # words of one tap along K
         k_steps = int32(kwords >> 3)  # = ceil(R * S * tap_words / 8)
         k_tiles = int32((k_steps + STEPS - 1) // STEPS)
+        kt_first = int32(0)  # this block's first k-tile (split K: a share of them)
+        if SPLIT:
+            kt_first, k_tiles = split_k_range(k_tiles)
 
         # A (weights): the GEMM copy plan.
         a_src = cuda.local.array(A_COPIES, int64)
@@ -1045,12 +1161,13 @@ def _build(p, q, config, out, conv, mma, epilogue=None, word_taps=False):
             # (K runs over taps of tap_words words: whole k-steps of the pixel's channel words, or 4 words -
             # half a k-step, one 16-byte chunk - for at most 128 channels, so two taps share an mma.)
             step = int32(chunk >> 1)
-            tap, c_word = divmod_u32(4 * chunk, tap_words)  # this thread's chunk: its tap, its word in the tap
+            # this thread's chunk: its tap, its word in the tap
+            tap, c_word = divmod_u32(4 * chunk + kt_first * ROW_WORDS, tap_words)
             tap_r, tap_s = divmod_u32(tap, S)
             tap_r, tap_s, c_word = int32(tap_r), int32(tap_s), int32(c_word)
             if WORD_TAPS:  # the chunk's four taps (r, s), each advanced by a stage's ROW_WORDS taps per k-tile
                 for i in range(4):
-                    r, s_ = divmod_u32(4 * chunk + i, S)
+                    r, s_ = divmod_u32(4 * chunk + i + kt_first * ROW_WORDS, S)
                     word_r[i], word_s[i] = int32(r), int32(s_)
 
             load_slot = int32(0)  # the ring stage k-tile kt goes to, and the one k-tile kt - AHEAD is in
@@ -1069,7 +1186,7 @@ def _build(p, q, config, out, conv, mma, epilogue=None, word_taps=False):
                 if kt < k_tiles:
                     base = int32(load_slot * STAGE_WORDS)
                     load_slot = int32(0) if load_slot == STAGES - 1 else int32(load_slot + 1)
-                    step0 = int32(kt * STEPS)
+                    step0 = int32((kt_first + kt) * STEPS)
                     copy_a(smem, base, step0, k_steps, a_words, a_pass, a_src, a_dst, a_step, a_bytes)
                     step_live = int32(step0 + step) < k_steps
                     if WORD_TAPS:
@@ -1106,6 +1223,9 @@ def _build(p, q, config, out, conv, mma, epilogue=None, word_taps=False):
                 wgmma_drain(acc, acc0, acc1)
 
             fold_into_tile(smem, ps, acc, pair_coef, coef_w, coef_x, warp_m, warp_n, warp_k, lane)
+
+        if SPLIT and not split_k_reduce(smem, split_ws, split_count, tid):
+            return  # another block of this tile adds the partial sums and runs the epilogue
 
         # The column terms into shared memory, for the epilogue (the fold's barrier is behind us: the
         # region may lie over the stages).
@@ -1274,7 +1394,8 @@ def _build(p, q, config, out, conv, mma, epilogue=None, word_taps=False):
     if OUT_PACK:
         kind += f"_{'usb'[OUT_ENC]}{OUT_BITS}" + (f"_t{LEVELS}" if LEVELS else "")
         kind += (f"_res{'usb'[RES_ENC]}{RES_BITS}" if RES_BITS else "") + ("_w" if WHOLE_ROWS else "") + ("_bytes" if OUT_BYTES else "")
-    kernel.__name__ = f"{'apconv' if conv else 'apmm'}_w{p}a{q}_{config.short()}_{kind}"
+    tile = dataclasses.replace(config, split_k=1).short() + ("z" if SPLIT else "")  # (z: split K, any share count)
+    kernel.__name__ = f"{'apconv' if conv else 'apmm'}_w{p}a{q}_{tile}_{kind}"
     kernel.__qualname__ = kernel.__name__
     if config.min_blocks and not SIMULATOR:  # (the simulator's jit takes no launch bounds)
         return cuda.jit(kernel, launch_bounds=(THREADS, config.min_blocks))

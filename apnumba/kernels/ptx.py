@@ -70,6 +70,7 @@ __all__ = [
     "ld_shared_v4",
     "st_global_v4",
     "st_global_cs_v4",
+    "ld_global_cg_v4",
     "SHARED_ALIGN",
     "cp_async_16",
     "cp_async_4",
@@ -86,6 +87,7 @@ __all__ = [
     "wgmma_commit",
     "wgmma_wait",
     "fence_proxy_async",
+    "fence_acq_rel_gpu",
     "zeros_i32",
     "pin_registers",
     "smem_desc",
@@ -121,6 +123,7 @@ if SIMULATOR:
         ld_shared_v4,
         st_global_v4,
         st_global_cs_v4,
+        ld_global_cg_v4,
         cp_async_16,
         cp_async_4,
         cp_async_commit,
@@ -136,6 +139,7 @@ if SIMULATOR:
         wgmma_commit,
         wgmma_wait,
         fence_proxy_async,
+        fence_acq_rel_gpu,
         zeros_i32,
         pin_registers,
         smem_desc,
@@ -345,6 +349,25 @@ else:
     st_global_cs_v4.__doc__ = "As st_global_v4, marked evict-first (``.cs``): streamed output that should not displace L2 data."
 
     @intrinsic
+    def ld_global_cg_v4(typingctx, array, index):
+        """``array[index : index + 4]`` as int32 in one 16-byte load from L2 (``ld.global.cg``: past the SM's
+        L1, which other SMs' stores do not update - for data another block of this launch wrote)."""
+        _check_word_array("ld_global_cg_v4", array)
+
+        def codegen(context, builder, sig, args):
+            ptr = _element_pointer(context, builder, sig.args[0], args[0], args[1], sig.args[1])
+            asm = ir.InlineAsm(
+                ir.FunctionType(ir.LiteralStructType([_i32] * 4), [ir.IntType(64)]),
+                "ld.global.cg.v4.b32 {$0, $1, $2, $3}, [$4];",
+                "=r,=r,=r,=r,l,~{memory}",
+                side_effect=True,
+            )
+            res = builder.call(asm, [_global_address(builder, ptr)])
+            return context.make_tuple(builder, sig.return_type, [builder.extract_value(res, i) for i in range(4)])
+
+        return types.UniTuple(types.int32, 4)(array, index), codegen
+
+    @intrinsic
     def st_shared_v2(typingctx, smem, index, v0, v1):
         """``smem[index], smem[index + 1] = v0, v1`` in one 8-byte store (``index`` even)."""
         _check_word_array("st_shared_v2", smem)
@@ -466,6 +489,10 @@ else:
             cuda.nanosleep(uint32(500))
 
     cp_async_commit = _void_asm("cp.async.commit_group;", "Close the group of cp.async copies issued so far.")
+    fence_acq_rel_gpu = _void_asm(
+        "fence.acq_rel.gpu;",
+        "A GPU-scope acquire-release fence (lighter than ``cuda.threadfence``'s sequentially consistent one): "
+        "around a flag's atomic, it publishes the writes this block made before and sees those that others did.")
 
     @functools.lru_cache(maxsize=None)
     def cp_async_wait(pending):

@@ -173,6 +173,10 @@ def st_global_v4(array, index, v0, v1, v2, v3):
 st_global_cs_v4 = st_global_v4
 
 
+def ld_global_cg_v4(array, index):
+    return tuple(np.int32(array[index + i]) for i in range(4))  # (an int32 workspace)
+
+
 def st_shared(smem, index, value):
     smem[index] = np.int32(value).view(np.uint32)
 
@@ -193,6 +197,10 @@ def cp_async_4(smem, smem_index, gmem, gmem_index, src_bytes):
 
 def cp_async_commit():
     pass
+
+
+def fence_acq_rel_gpu():
+    """The simulator's threads share one memory: nothing to order."""
 
 
 def cp_async_wait(pending):

@@ -105,6 +105,51 @@ def test_apconv_tiny(rng, px, pw, image, K, k, stride, padding, cfg, out_float):
     check_conv(rng, Precision.parse(px), Precision.parse(pw), image, K, k, stride, padding, cfg, out_float)
 
 
+# Split K (grid z): blocks sum shares of the k-tiles; the last of a tile to finish adds the others' partial
+# tiles and runs the epilogue.  Whole-k-step taps in three shares; half-k-step taps, two k-steps a stage, a
+# ragged split (3 k-tiles -> 2 + 1) with +-1 weights and float32 out; more shares than k-tiles (empty ones
+# add zeros); a first layer's word taps (each share starts mid-window).
+SPLIT_CASES = [
+    ("u2", "b1", (1, 5, 6, 160), 16, 3, 1, 1, TileConfig(1, 1, 1, 2, 2, split_k=3), False),
+    ("b1", "s2", (1, 5, 4, 70), 20, 3, 2, 1, TileConfig(1, 1, 1, 1, 2, stage_steps=2, split_k=2), True),
+    ("s3", "u2", (1, 4, 4, 40), 16, 1, 1, 0, TileConfig(1, 1, 1, 2, 2, split_k=3), False),
+]
+
+
+@pytest.mark.parametrize("px,pw,image,K,k,stride,padding,cfg,out_float", SPLIT_CASES,
+                         ids=[f"{c[0]}{c[1]}-{c[4]}x{c[4]}-z{c[7].split_k}" for c in SPLIT_CASES])
+def test_apconv_split_k(rng, px, pw, image, K, k, stride, padding, cfg, out_float):
+    check_conv(rng, Precision.parse(px), Precision.parse(pw), image, K, k, stride, padding, cfg, out_float)
+
+
+def test_apconv_split_k_word_taps(rng):
+    check_image_conv(rng, (1, 9, 10, 3), 16, 7, 2, 3, "s8", 0, layout="NHWC", config=TileConfig(1, 1, 1, 2, 2, split_k=3))
+
+
+def test_apconv_split_k_fused_epilogue_and_relaunch(rng):
+    """The fused epilogue after a split (thresholds; two m-blocks of a pixel add their code sums), launched
+    twice: the counters are back at zero after each launch, so the second launch's output is the first's."""
+    from apnumba import reference as R
+    from apnumba.conv import PackedConvWeight, prepare_apconv
+    from apnumba.packed import PackedTensor
+
+    x = R.random_codes(rng, (1, 4, 5, 200), "u2")
+    w = R.random_codes(rng, (40, 3, 3, 200), "b1")
+    scale = rng.uniform(0.02, 0.05, 40).astype(np.float32)
+    bias = rng.uniform(-1, 1, 40).astype(np.float32)
+    expect = R.requantize(R.conv2d_int(x, w, 1, 1).reshape(20, 40), scale, bias, "u2", 0, True)
+    out = PackedTensor.empty((20, 40), "u2")
+    run = prepare_apconv(PackedTensor.from_codes(x, "u2"), PackedConvWeight.from_codes(w, "b1"), 1, 1, out=out,
+                         scale=scale, bias=bias, relu=True, config=TileConfig(2, 1, 1, 1, 2, split_k=4))
+    for _ in range(2):
+        poison = np.zeros(out.words.shape, np.uint32)
+        poison[:, :, :2] = 0xDEADBEEF  # the words of the 40 channels (the row's padding words stay zero)
+        out.words.copy_to_device(poison)
+        run()
+        assert (out.words_host() == R.pack(expect, "u2")).all() and (out.rowsum_host() == R.row_sums(expect)).all()
+        assert run.split_count.copy_to_host().tolist() == [0] * 6  # 3 pixel blocks x 2 channel blocks
+
+
 def test_apconv_zero_points(rng):
     check_conv(rng, Precision.parse("u3"), Precision.parse("u2"), (1, 4, 5, 9), 16, 3, 1, 1,
                TileConfig(1, 1, 1, 2, 2), zx=2, zw=1)
