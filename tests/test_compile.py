@@ -443,10 +443,11 @@ def test_apconv_split_k(cc, out):
         apconv_kernel(1, 2, dataclasses.replace(base, split_k=2), out, "b1", epilogue)
 
 
-def test_split_k_config():
+def test_split_k_config(monkeypatch):
     """Where the H100 default splits K: int32 / float32 convolutions of few wgmma tiles and >= 12 four-step
     k-tiles (APNN-TC's C = K = 1536 and 2048 at 16x16), two shares; not at C = K = 1024 (slower there), not
     for packed outputs, not for weights of several plane passes.  Bad shares are refused."""
+    import apnumba.conv
     from apnumba.conv import conv_config
     from apnumba.tuning import hopper_split_conv_config
 
@@ -456,7 +457,10 @@ def test_split_k_config():
             assert cfg.short() == "8x1w1x8t4sx4Wz2" and cfg.blocks(C, 256) * 2 <= 132, (p, q, C, cfg.short())
         assert hopper_split_conv_config(p, q, 1024, 256, 9 * 1024) is None
     assert hopper_split_conv_config(4, 4, 2048, 256, 9 * 2048) is None
-    assert conv_config(1, 2, 2048, 256, 9 * 2048, packed=True).split_k == 1
+    monkeypatch.setattr(apnumba.conv, "_wgmma_ok", lambda mma="b1": mma == "b1")  # (as on an H100)
+    assert conv_config(1, 2, 2048, 256, 9 * 2048).split_k == 2 and conv_config(1, 2, 2048, 256, 9 * 2048, packed=True).split_k == 1
+    assert conv_config(1, 2, 2048, 256, 9 * 2048, mma="s8.s8").split_k == 1
+    monkeypatch.undo()
     # the mma.sync tiles of small convolutions have eight warps at least (one-warp blocks were 1.1-1.8x slower)
     for C in (128, 256, 512):
         assert conv_config(1, 2, C, 256, 9 * C).threads >= 256
