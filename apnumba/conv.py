@@ -14,7 +14,7 @@ from numba import cuda, float32, int32, uint32
 
 from . import reference, tuning
 from .device import check_accumulator, is_device_array, require_gpu, zero_fill
-from .kernels.apmm import apconv_kernel
+from .kernels.apmm import apconv_kernel, conv_geometry
 from .kernels.launch import CompiledKernel
 from .matmul import _check_wgmma, _coef, _ones_zeros, _vector, _wgmma_ok
 from .packed import PackedTensor
@@ -106,7 +106,8 @@ def conv_config(p, q, M, N, K, packed=False, mma="b1"):
     for two per SM, one k-step a stage: more k-steps a stage cost ~40 registers, so one block per SM
     instead of two, and were 1.3-1.6x slower on every ResNet-18 3x3 layer at batch 256 (H100).
     96 or 192 output channels may take 96-row tiles (three m16 tiles a warp): no idle padding rows.
-    Blocks of MIN_CONV_THREADS at least where the model offers one.  An int32 / float32 output of few
+    Blocks of MIN_CONV_THREADS at least where the model offers one. A grid of one wave or less is built with
+    launch bounds (``min_blocks=1``).  An int32 / float32 output of few
     tiles and a long K splits K over two blocks (``tuning.hopper_split_conv_config``)."""
     hopper = tuning.hopper_conv_config(p, q, M, N, K) if _wgmma_ok(mma) else None
     if hopper is None and not packed and _wgmma_ok(mma):
@@ -121,6 +122,12 @@ def conv_config(p, q, M, N, K, packed=False, mma="b1"):
         return tuning.TileConfig(2, 1, 1, 1, 2)
     if cfg.steps > cfg.warps_k and cfg.blocks(M, N) >= 2 * tuning.SMS:
         cfg = dataclasses.replace(cfg, stage_steps=0)
+    if cfg.blocks(M, N) <= tuning.SMS:
+        # One wave, a block an SM: launch bounds (min_blocks=1) let ptxas give each ldmatrix of a stage its
+        # own registers.  Without them it minimises registers (69 on APNN-TC's C = K = 1024 tile) and loads
+        # a k-step's second A fragment into the registers its first mma reads - each ldmatrix waits for
+        # the mma before it.  (Larger grids keep their two blocks an SM.)
+        cfg = dataclasses.replace(cfg, min_blocks=1)
     return cfg
 
 
@@ -242,7 +249,8 @@ def prepare_apconv(x, w, stride=1, padding=0, *, out=None, scale=None, bias=None
     split_ws, split_count = _split_buffers(cfg, M, Npix)
     bound = launcher(p, q, cfg, kind, mma, epilogue, w.tap_words == 1).bind(
         cfg.launch_grid(M, Npix), (cfg.threads,), stream,
-        (w.words, x.words, M, Npix, w.kwords, _geometry((H, W, x.kwords, R, S, int(stride), int(padding), OH, OW, C, w.tap_words)),
+        (w.words, x.words, M, Npix, w.kwords, _geometry(conv_geometry(H, W, x.kwords, R, S, int(stride), int(padding), OH, OW, C, w.tap_words,
+                                                               pool is not None)),
          _coef(w.precision, packing), _coef(x.precision, packing), ex, ew, ew * ex - ex * dw - ew * dx, w.rowsum, w.tap_sums, x.rowsum,
          _vector(scale, K, "scale", ones), _vector(bias, K, "bias", zeros), y, y_rowsum,
          _geometry(tuple(int(v) for v in epi)), res_words, float(residual_scale), thresholds, split_ws, split_count),

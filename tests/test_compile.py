@@ -471,3 +471,32 @@ def test_split_k_config(monkeypatch):
             TileConfig(split_k=bad)
     with pytest.raises(ValueError, match="split_k is for convolutions"):
         apmm_kernel(1, 2, TileConfig(split_k=2), False)
+
+
+def _ldsm_destinations(c):
+    """The destination registers of the SASS's ldmatrix loads, in order."""
+    return re.findall(r"LDSM\.16\.M88\.[24] (R\d+),", c.sass)
+
+
+def test_one_wave_conv_tiles_keep_their_fragments_apart():
+    """A conv grid of one wave gets launch bounds (min_blocks=1): then ptxas gives a stage's ldmatrix loads
+    registers of their own.  Built without them (as before), it reloads the k-step's second A fragment into
+    the registers the first one's mma read, so every ldmatrix waits for the mma before it - the check that
+    tells the two apart.  Larger grids keep no bounds (two blocks an SM)."""
+    from apnumba.conv import _signature as conv_signature, conv_config
+    from apnumba.tuning import SMS
+
+    M, N, K = 1024, 256, 9 * 1024  # APNN-TC C = K = 1024, 16x16, 3x3
+    cfg = conv_config(1, 2, M, N, K)
+    assert cfg.blocks(M, N) <= SMS and cfg.min_blocks == 1 and not cfg.wgmma, cfg.short()
+    assert conv_config(1, 2, 128, 256 * 28 * 28, 9 * 128, packed=True).min_blocks == 0
+    bounded = sass.compile_kernel(apconv_kernel(1, 2, cfg, "i32"), conv_signature("i32"), (9, 0))
+    plain = sass.compile_kernel(apconv_kernel(1, 2, dataclasses.replace(cfg, min_blocks=0), "i32").py_func,
+                                conv_signature("i32"), (9, 0))
+    check_clean(bounded, count=cfg.mma_per_step(1, 2))
+    loads = _ldsm_destinations(bounded)
+    assert len(loads) == cfg.steps * (cfg.mt + 2 * (cfg.nt // 2 + cfg.nt % 2)), loads  # w1a2: one A plane, two B
+    assert max(loads.count(r) for r in loads) <= 2, loads  # a register serves two k-steps at most
+    assert len(set(_ldsm_destinations(plain))) < len(set(loads)), _ldsm_destinations(plain)
+    print(f"{cfg.short()}: {bounded.registers} registers with launch bounds ({len(set(loads))} ldmatrix destinations), "
+          f"{plain.registers} without ({len(set(_ldsm_destinations(plain)))})")

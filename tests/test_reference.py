@@ -239,3 +239,40 @@ def test_requantize_thresholds_equal_the_float_epilogue(prec, relu, seed):
 def test_requantize_thresholds_need_finite_constants():
     assert R.requantize_thresholds(np.float32([1, np.inf]), np.float32([0, 0]), "u2") is None
     assert R.requantize_thresholds(np.float32([1, 1]), np.float32([0, np.nan]), "u2") is None
+
+
+# The convolution kernel divides by launch constants (pixels of an image, a row, the filter width, a tap's
+# words) with magic numbers; the simulator runs the GPU formula itself (simwarp.divmod_magic).
+def _magic_divmod(n, d):
+    from apnumba.kernels.ptx import magic_divisor
+    from apnumba.kernels.simwarp import divmod_magic
+
+    q, r = divmod_magic(n, d, *magic_divisor(d))
+    return int(q), int(r)
+
+
+@pytest.mark.parametrize("d", [1, 2, 3, 5, 7, 9, 49, 196, 3136, 12544, 2**16 - 1, 2**16 + 1, 2**30 - 1, 2**30,
+                               2**30 + 1, 2**31 - 1])
+def test_magic_division_at_the_edges(d):
+    for n in {0, 1, d - 1, d, d + 1, 2 * d - 1, 2**31 - 1, (2**31 - 1) // d * d, (2**31 - 1) // d * d - 1}:
+        if 0 <= n < 2**31:
+            assert _magic_divmod(n, d) == divmod(n, d), (n, d)
+
+
+@settings(max_examples=2000, deadline=None)
+@given(st.integers(1, 2**31 - 1), st.integers(0, 2**31 - 1))
+def test_magic_division_matches_floor_division(d, n):
+    assert _magic_divmod(n, d) == divmod(n, d)
+
+
+def test_magic_division_numbers_fit_32_bits_and_bad_divisors_are_refused():
+    from apnumba.kernels.ptx import magic_divisor
+
+    for d in [1, 2, 3, 2**31 - 1] + [2**k + 1 for k in range(31)]:
+        magic, shift = magic_divisor(d)
+        assert -(2**31) <= magic < 2**31 and 0 <= shift <= 31
+    assert magic_divisor(1) == (-(2**31), 0)  # 2^31, as an int32's bits
+    assert magic_divisor(3) == (-(2**31) + (2**33 // 3 + 1) - 2**31, 2)
+    for bad in (0, -3, 2**31):
+        with pytest.raises(ValueError, match=r"magic_divisor: expected a divisor in \[1, 2\*\*31\), got"):
+            magic_divisor(bad)

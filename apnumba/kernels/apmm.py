@@ -89,8 +89,10 @@ from .ptx import (
     cp_async_commit,
     cp_async_wait,
     DESC_SWIZZLE,
+    divmod_magic,
     divmod_u32,
     fence_acq_rel_gpu,
+    magic_divisor,
     fence_proxy_async,
     pin_registers,
     smem_addr,
@@ -244,6 +246,21 @@ class TileConfig:
 MMA_KINDS = ("b1", "s8.s8", "s8.u8", "u8.s8", "u8.u8")
 
 
+# apconv's geometry array: the sizes, then (divisor, magic, shift) of each launch-constant divisor
+# (divmod_magic): an output row's pixels, an output row, the filter's width, a tap's words.
+GEO_PIXELS, GEO_ROW, GEO_S, GEO_TAP = 11, 14, 17, 20
+
+
+def conv_geometry(H, W, cwords, R, S, stride, padding, OH, OW, C, tap_words, pooled=False):
+    """apconv's ``geometry`` (int32 values).  With a fused 2x2 pooling the GEMM rows run window by
+    window, so the pixel divisors are those of the pooled image."""
+    pixels, row = ((OH >> 1) * (OW >> 1), OW >> 1) if pooled else (OH * OW, OW)
+    values = [H, W, cwords, R, S, stride, padding, OH, OW, C, tap_words]
+    for d in (pixels, row, S, tap_words):
+        values += [d, *magic_divisor(d)]
+    return tuple(int(v) for v in values)
+
+
 def _check_mma(mma, p, q, config):
     if mma not in MMA_KINDS:
         raise ValueError(f"mma: expected one of {MMA_KINDS}, got {mma!r}")
@@ -336,6 +353,9 @@ def _build(p, q, config, out, conv, mma, epilogue=None, word_taps=False):
     A_COPIES = -(-A_ROWS * CHUNKS // THREADS)  # 16-byte copies per thread per stage
     B_COPIES = -(-B_ROWS * CHUNKS // THREADS)
     NT_PAIRS, NT_ODD = NT // 2, NT % 2
+    # Convolutions: B copy slots c and c + PIXEL_SLOTS read one output pixel (of the next plane) where a
+    # plane's BN rows are whole slots of THREADS // CHUNKS rows - the pixel's divisions are done once.
+    PIXEL_SLOTS = BN // (THREADS // CHUNKS) if BN % (THREADS // CHUNKS) == 0 else B_COPIES
     # The int32 output tile: [m][n] with rows of BN + 8 (64-bit fragment stores conflict-free), or for
     # convolutions, whose output is NHWC, transposed [n][m] with rows of BM + 4 (scalar fragment stores
     # and 16-byte reads along m conflict-free).  Convolutions keep per-pixel data after it (COLUMNS).
@@ -905,26 +925,32 @@ def _build(p, q, config, out, conv, mma, epilogue=None, word_taps=False):
         return total
 
     @cuda.jit(device=True, inline="always")
-    def output_pixel(n, OH, OW):
+    def divide(n, geometry, at):
+        """(n // d, n % d) for the launch-constant divisor d = geometry[at], by its magic numbers
+        (conv_geometry): ~3 instructions, not a ~20-instruction division chain."""
+        return divmod_magic(n, geometry[at], geometry[at + 1], geometry[at + 2])
+
+    @cuda.jit(device=True, inline="always")
+    def output_pixel(n, geometry):
         """GEMM row n -> (image, oh, ow) of the convolution's output (with pooling: window-major order)."""
         if POOL:
             window, sub = n >> 2, n & 3
-            img, rest = divmod_u32(window, (OH >> 1) * (OW >> 1))
-            ph, pw = divmod_u32(rest, OW >> 1)
+            img, rest = divide(window, geometry, GEO_PIXELS)
+            ph, pw = divide(rest, geometry, GEO_ROW)
             return img, 2 * ph + (sub >> 1), 2 * pw + (sub & 1)
-        img, rest = divmod_u32(n, OH * OW)
-        oh, ow = divmod_u32(rest, OW)
+        img, rest = divide(n, geometry, GEO_PIXELS)
+        oh, ow = divide(rest, geometry, GEO_ROW)
         return img, oh, ow
 
     @cuda.jit(device=True, inline="always")
-    def column_terms(at, shift, n0, N, OH, OW, stride, pad, H, W, R, S, ew, sum_x, lane):
+    def column_terms(at, shift, n0, N, geometry, stride, pad, H, W, R, S, ew, sum_x, lane):
         """Slot ``at`` of the tile's column terms: tile pixel cc = at >> shift, whose valid taps split over
         the 2^shift lanes of its group (BN << shift is a multiple of 32: whole warps run each slot, so the
         shuffles that add the lanes' sums are convergent; a 1x1 window's one tap is one lane's - measured:
         idle lanes there cost 5%).  Returns (cc, the lane's place in its group, the valid taps, the sum of
         their pixel sums SXv (ew != 0), ih0, iw0)."""
         cc = at >> shift
-        img, oh, ow = output_pixel(min(n0 + cc, N - 1), OH, OW)
+        img, oh, ow = output_pixel(min(n0 + cc, N - 1), geometry)
         ih0 = int32(oh * stride - pad)
         iw0 = int32(ow * stride - pad)
         # The taps inside the image: filter rows [r_lo, r_hi) x columns [s_lo, s_hi) (counted, not
@@ -1066,8 +1092,9 @@ def _build(p, q, config, out, conv, mma, epilogue=None, word_taps=False):
         """Implicit-GEMM convolution: a_words = weights (K_out x kwords: R*S taps of tap_words words, padded
         to whole k-steps), b_words = NHWC activations.
 
-        geometry: [H, W, cwords, R, S, stride, padding, OH, OW, C, tap_words] (cwords: words of an input
-        pixel; tap_words: of a tap along K, ``reference.conv_tap_words``).  y: NHWC output, y[n * M + m];
+        geometry: [H, W, cwords, R, S, stride, padding, OH, OW, C, tap_words, then (divisor, magic, shift)
+        of four divisors] (``conv_geometry``; cwords: words of an input pixel; tap_words: of a tap along K,
+        ``reference.conv_tap_words``).  y: NHWC output, y[n * M + m];
         packed output: y = the next layer's words (bits, N, out_cwords), y_rowsum its row sums (zeroed
         before the launch), epi = [out_bits, out_encoding, out_zero_point, relu, res_bits, res_encoding,
         res_zero_point, out_cwords, res_cwords] (res_bits 0: no residual), res_words the residual's words.
@@ -1092,10 +1119,8 @@ def _build(p, q, config, out, conv, mma, epilogue=None, word_taps=False):
         S = geometry[4]
         stride = geometry[5]
         pad = geometry[6]
-        OH = geometry[7]
-        OW = geometry[8]
         C = geometry[9]
-        images, _ = divmod_u32(N, ((OH >> 1) * (OW >> 1) * 4) if POOL else OH * OW)
+        images, _ = divide(N >> 2 if POOL else N, geometry, GEO_PIXELS)
         pixels = int32(images * H * W)  # input pixels of all images
         tap_words = geometry[10]  # words of one tap along K
         k_steps = int32(kwords >> 3)  # = ceil(R * S * tap_words / 8)
@@ -1124,11 +1149,16 @@ def _build(p, q, config, out, conv, mma, epilogue=None, word_taps=False):
         for c in range(B_COPIES):
             prow = (c * THREADS + tid) // CHUNKS
             plane = prow // BN
+            b_dst[c] = A_ROWS * ROW_WORDS + swizzle(prow, chunk) if prow < B_ROWS else -1
+            if c >= PIXEL_SLOTS:  # another plane of a slot's pixel (compile-time): its corner, a plane on
+                b_pixel[c] = int32(b_pixel[c - PIXEL_SLOTS] + pixels)
+                b_ih0[c] = b_ih0[c - PIXEL_SLOTS]
+                b_iw0[c] = b_iw0[c - PIXEL_SLOTS]
+                continue
             n = n0 + prow - plane * BN
-            img, oh, ow = output_pixel(min(n, N - 1), OH, OW)
+            img, oh, ow = output_pixel(min(n, N - 1), geometry)
             ih0 = int32(oh * stride - pad)
             iw0 = int32(ow * stride - pad)
-            b_dst[c] = A_ROWS * ROW_WORDS + swizzle(prow, chunk) if prow < B_ROWS else -1
             b_pixel[c] = int32(plane * pixels + img * H * W + ih0 * W + iw0)
             b_ih0[c] = ih0 if n < N else -(1 << 24)  # rows past N never fall inside
             b_iw0[c] = iw0
@@ -1144,7 +1174,7 @@ def _build(p, q, config, out, conv, mma, epilogue=None, word_taps=False):
 
         word_r = cuda.local.array(4, int32)  # word taps: the chunk's four taps
         word_s = cuda.local.array(4, int32)
-        stage_r, stage_s = divmod_u32(ROW_WORDS, S)  # a stage's taps, as filter rows and columns
+        stage_r, stage_s = divide(ROW_WORDS, geometry, GEO_S)  # a stage's taps, as filter rows and columns
         stage_r, stage_s = int32(stage_r), int32(stage_s)
 
         lanes = ldmatrix_lanes(warp_m, warp_n, lane)
@@ -1162,12 +1192,12 @@ def _build(p, q, config, out, conv, mma, epilogue=None, word_taps=False):
             # half a k-step, one 16-byte chunk - for at most 128 channels, so two taps share an mma.)
             step = int32(chunk >> 1)
             # this thread's chunk: its tap, its word in the tap
-            tap, c_word = divmod_u32(4 * chunk + kt_first * ROW_WORDS, tap_words)
-            tap_r, tap_s = divmod_u32(tap, S)
+            tap, c_word = divide(4 * chunk + kt_first * ROW_WORDS, geometry, GEO_TAP)
+            tap_r, tap_s = divide(tap, geometry, GEO_S)
             tap_r, tap_s, c_word = int32(tap_r), int32(tap_s), int32(c_word)
             if WORD_TAPS:  # the chunk's four taps (r, s), each advanced by a stage's ROW_WORDS taps per k-tile
                 for i in range(4):
-                    r, s_ = divmod_u32(4 * chunk + i + kt_first * ROW_WORDS, S)
+                    r, s_ = divide(4 * chunk + i + kt_first * ROW_WORDS, geometry, GEO_S)
                     word_r[i], word_s[i] = int32(r), int32(s_)
 
             load_slot = int32(0)  # the ring stage k-tile kt goes to, and the one k-tile kt - AHEAD is in
@@ -1212,7 +1242,7 @@ def _build(p, q, config, out, conv, mma, epilogue=None, word_taps=False):
                 cp_async_commit()
                 if COLUMN_SLOT and kt == AHEAD - 1 and ps == 0 and col_live:
                     col_cc, col_first, col_taps, col_sx, col_ih0, col_iw0 = column_terms(
-                        tid, col_shift, n0, N, OH, OW, stride, pad, H, W, R, S, ew, sum_x, lane)
+                        tid, col_shift, n0, N, geometry, stride, pad, H, W, R, S, ew, sum_x, lane)
                 if ct >= 0:
                     if WGMMA:
                         acc0, acc1 = wgmma_stage(smem, int32(compute_slot * STAGE_WORDS), wg_rows, acc0, acc1)
@@ -1234,7 +1264,7 @@ def _build(p, q, config, out, conv, mma, epilogue=None, word_taps=False):
                 store_column_terms(smem, col_cc, col_taps * C, col_sx, col_ih0, col_iw0)
         else:
             for at in range(tid, BN << col_shift, THREADS):
-                cc, first, taps, sx, ih0, iw0 = column_terms(at, col_shift, n0, N, OH, OW, stride, pad, H, W, R, S,
+                cc, first, taps, sx, ih0, iw0 = column_terms(at, col_shift, n0, N, geometry, stride, pad, H, W, R, S,
                                                             ew, sum_x, lane)
                 if first == 0:
                     store_column_terms(smem, cc, taps * C, sx, ih0, iw0)

@@ -65,6 +65,8 @@ __all__ = [
     "ldmatrix_x2",
     "ld_shared",
     "divmod_u32",
+    "divmod_magic",
+    "magic_divisor",
     "st_shared_v2",
     "st_shared",
     "ld_shared_v4",
@@ -106,6 +108,21 @@ DESC_SWIZZLE = {32: (3, 256), 64: (2, 512), 128: (1, 1024)}
 # least); the simulator's shared arrays take no alignment argument.
 SHARED_ALIGN = None if SIMULATOR else 128
 
+
+def magic_divisor(d):
+    """(magic, shift) that divide by d, 1 <= d < 2^31, in :func:`divmod_magic`: for 0 <= n < 2^31,
+    n // d = umulhi(2n, magic) >> shift with shift = ceil(log2 d), magic = ceil(2^(31 + shift) / d)
+    (< 2^32).  Exact: magic * d = 2^(31 + shift) + e with 0 <= e < d <= 2^shift, so n * magic / 2^(31 + shift)
+    exceeds n / d by n * e / (d * 2^(31 + shift)) < 1 / d - never enough to reach the next multiple.
+    magic is returned as the int32 with its bits (for int32 parameter arrays)."""
+    d = int(d)
+    if not 1 <= d < 2**31:
+        raise ValueError(f"magic_divisor: expected a divisor in [1, 2**31), got {d}")
+    shift = (d - 1).bit_length()
+    magic = -(-(1 << (31 + shift)) // d)
+    return magic - (1 << 32) if magic >= 1 << 31 else magic, shift
+
+
 if SIMULATOR:
     from .simwarp import (  # noqa: F401
         mma_m16n8k256_and,
@@ -118,6 +135,7 @@ if SIMULATOR:
         ldmatrix_x2,
         ld_shared,
         divmod_u32,
+        divmod_magic,
         st_shared_v2,
         st_shared,
         ld_shared_v4,
@@ -272,6 +290,22 @@ else:
             return context.make_tuple(builder, sig.return_type, [q, r])
 
         return types.UniTuple(types.uint32, 2)(a, b), codegen
+
+    @intrinsic
+    def divmod_magic(typingctx, n, d, magic, shift):
+        """(n // d, n % d) for 0 <= n < 2^31 by a launch-constant divisor d, from its
+        :func:`magic_divisor` numbers: a high multiply and a shift (``mul.hi.u32``, ``shr``) where a
+        run-time division is ~20 instructions on a dependent chain."""
+
+        def codegen(context, builder, sig, args):
+            x, y, m, s = (context.cast(builder, v, t, types.uint32) for v, t in zip(args, sig.args))
+            i64 = ir.IntType(64)
+            wide = builder.mul(builder.zext(builder.shl(x, ir.Constant(_i32, 1)), i64), builder.zext(m, i64))
+            q = builder.lshr(builder.trunc(builder.lshr(wide, ir.Constant(i64, 32)), _i32), s)
+            r = builder.sub(x, builder.mul(q, y))
+            return context.make_tuple(builder, sig.return_type, [q, r])
+
+        return types.UniTuple(types.uint32, 2)(n, d, magic, shift), codegen
 
     @intrinsic
     def ld_shared(typingctx, smem, index):

@@ -157,6 +157,12 @@ def divmod_u32(a, b):
     return np.uint32(int(a) // int(b)), np.uint32(int(a) % int(b))
 
 
+def divmod_magic(n, d, magic, shift):
+    """The GPU's formula itself (so simulator runs check the magic numbers, not Python's //)."""
+    q = ((2 * int(n) * (int(magic) & 0xFFFFFFFF)) >> 32) >> int(shift)
+    return np.uint32(q), np.uint32(int(n) - q * int(d))
+
+
 def ld_shared(smem, index):
     return smem[index]
 
