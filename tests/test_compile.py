@@ -240,7 +240,7 @@ def test_wgmma_tiles_are_checked():
         apconv_kernel(1, 1, TileConfig(stagger_us=5), "i32")
     # convolutions: 64 pixels x 128 weight rows a stage where the grid has >= 4 blocks per SM, one plane pass
     assert hopper_conv_config(1, 2, 256, 256 * 14 * 14, 9 * 256).short() == "8x1w1x8t4sW"
-    assert hopper_conv_config(2, 2, 256, 256 * 14 * 14, 9 * 256).short() == "4x1w1x8t4sW"
+    assert hopper_conv_config(2, 2, 256, 256 * 14 * 14, 9 * 256).short() == "4x1w1x8t4sb3W"
     assert hopper_conv_config(1, 2, 64, 256 * 56 * 56, 9 * 64).block_m == 64
     assert hopper_conv_config(1, 2, 512, 8 * 7 * 7, 9 * 512) is None and hopper_conv_config(4, 4, 256, 256 * 196, 2304) is None
     assert hopper_conv_config(1, 2, 256, 256 * 14 * 14, 256) is None  # a 1x1 conv of one k-step
@@ -261,7 +261,7 @@ def test_apconv_wgmma_sm90a(p, q, M, out, blocks):
 
     cfg = hopper_conv_config(p, q, M, 256 * 14 * 14, 9 * 256)
     epilogue = (2, 0, 0, 0, M <= cfg.block_m, 0 if out == "pack_max" else 3) if out.startswith("pack") else None
-    c = sass.compile_kernel(apconv_kernel(p, q, cfg, out, "b1", epilogue).py_func, conv_signature(out), (9, 0, "a"))
+    c = sass.compile_kernel(apconv_kernel(p, q, cfg, out, "b1", epilogue), conv_signature(out), (9, 0, "a"))  # (its bounds)
     ops = c.opcodes()
     shape = f"BGMMA.64x{q * cfg.block_n}x256.AND.POPC"
     assert c.sass.count(shape) == cfg.group(p), f"expected {shape} in SASS, got {sorted(k for k in ops if 'MMA' in k)}"
