@@ -106,9 +106,9 @@ def conv_config(p, q, M, N, K, packed=False, mma="b1"):
     for two per SM, one k-step a stage: more k-steps a stage cost ~40 registers, so one block per SM
     instead of two, and were 1.3-1.6x slower on every ResNet-18 3x3 layer at batch 256 (H100).
     96 or 192 output channels may take 96-row tiles (three m16 tiles a warp): no idle padding rows.
-    Blocks of MIN_CONV_THREADS at least where the model offers one. A grid of one wave or less is built with
-    launch bounds (``min_blocks=1``).  An int32 / float32 output of few
-    tiles and a long K splits K over two blocks (``tuning.hopper_split_conv_config``)."""
+    Blocks of MIN_CONV_THREADS at least where the model offers one; a grid of one wave or less is built
+    with launch bounds (``min_blocks=1``).  An int32 / float32 output of few tiles and a long K splits K
+    over two blocks (``tuning.hopper_split_conv_config``)."""
     hopper = tuning.hopper_conv_config(p, q, M, N, K) if _wgmma_ok(mma) else None
     if hopper is None and not packed and _wgmma_ok(mma):
         hopper = tuning.hopper_split_conv_config(p, q, M, N, K)

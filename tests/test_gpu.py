@@ -288,10 +288,8 @@ SPLIT_TILES = {"mma": TileConfig(2, 4, 2, 1, 4, stage_steps=4), "mma-step": Tile
                "wgmma": wgmma_config(1, 2, 2, 4, columns=128, max_stages=4)}
 
 
-@pytest.mark.parametrize("tile", list(SPLIT_TILES))
+@pytest.mark.parametrize("tile", [pytest.param(t, marks=requires_sm90) if t == "wgmma" else t for t in SPLIT_TILES])
 def test_apconv_split_k(rng, tile):
-    if tile == "wgmma" and not _sm90():
-        pytest.skip("wgmma tiles need an sm_90 GPU")
     for split in (2, 5):  # (one build serves every share count)
         cfg = dataclasses.replace(SPLIT_TILES[tile], split_k=split)
         check_conv(rng, Precision.parse("u2"), Precision.parse("b1"), (1, 16, 16, 1024), 200, 3, 1, 1, cfg)

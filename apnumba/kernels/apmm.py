@@ -92,8 +92,8 @@ from .ptx import (
     divmod_magic,
     divmod_u32,
     fence_acq_rel_gpu,
-    magic_divisor,
     fence_proxy_async,
+    magic_divisor,
     pin_registers,
     smem_addr,
     smem_desc,
@@ -681,6 +681,13 @@ def _build(p, q, config, out, conv, mma, epilogue=None, word_taps=False):
         return first, int32(max(min(share, k_tiles - first), 0))
 
     @cuda.jit(device=True, inline="always")
+    def split_group(tid, j):
+        """This thread's group j in the last block's reduction (groups tid, tid + THREADS, ...), and whether
+        the tile has it."""
+        i = tid + j * THREADS
+        return i, SPLIT_WHOLE or i < SPLIT_GROUPS
+
+    @cuda.jit(device=True, inline="always")
     def split_k_reduce(smem, split_ws, split_count, tid):
         """Split K's meeting point, after the fold (the block's partial int32 tile in shared memory).
 
@@ -711,8 +718,8 @@ def _build(p, q, config, out, conv, mma, epilogue=None, word_taps=False):
         part = cuda.local.array((SPLIT_CHUNK, 4), int32)
         for j0 in range(0, SPLIT_PER_THREAD, SPLIT_CHUNK):
             for j in range(SPLIT_CHUNK):
-                i = tid + (j0 + j) * THREADS
-                if SPLIT_WHOLE or i < SPLIT_GROUPS:
+                i, live = split_group(tid, j0 + j)
+                if live:
                     four = ld_shared_v4(smem, tile_group(i))
                     for e in range(4):
                         sums[j, e] = four[e]
@@ -720,8 +727,8 @@ def _build(p, q, config, out, conv, mma, epilogue=None, word_taps=False):
                 if z != cuda.blockIdx.z:
                     slot = slot0 + int32(z) * (BM * BN)
                     for j in range(SPLIT_CHUNK):
-                        i = tid + (j0 + j) * THREADS
-                        if SPLIT_WHOLE or i < SPLIT_GROUPS:
+                        i, live = split_group(tid, j0 + j)
+                        if live:
                             four = ld_global_cg_v4(split_ws, slot + 4 * i)
                             for e in range(4):
                                 part[j, e] = four[e]
@@ -729,8 +736,8 @@ def _build(p, q, config, out, conv, mma, epilogue=None, word_taps=False):
                         for e in range(4):
                             sums[j, e] = int32(sums[j, e] + part[j, e])
             for j in range(SPLIT_CHUNK):
-                i = tid + (j0 + j) * THREADS
-                if SPLIT_WHOLE or i < SPLIT_GROUPS:
+                i, live = split_group(tid, j0 + j)
+                if live:
                     at = tile_group(i)
                     st_shared_v2(smem, at, sums[j, 0], sums[j, 1])
                     st_shared_v2(smem, at + 2, sums[j, 2], sums[j, 3])
