@@ -500,3 +500,20 @@ def test_one_wave_conv_tiles_keep_their_fragments_apart():
     assert len(set(_ldsm_destinations(plain))) < len(set(loads)), _ldsm_destinations(plain)
     print(f"{cfg.short()}: {bounded.registers} registers with launch bounds ({len(set(loads))} ldmatrix destinations), "
           f"{plain.registers} without ({len(set(_ldsm_destinations(plain)))})")
+
+
+def test_copy_plans_keep_their_shared_addresses():
+    """The copy slots hold shared byte addresses (smem_addr, once in the prologue), so the k-loop's cp.async
+    copies read their destination from a register.  Given an array index instead, ptxas rebuilt the shared
+    window's base at every copy (S2UR SR_CgaCtaId, ULEA: ten reads in the APNN-TC C = K = 1024 conv kernel),
+    each copy in a branch of its own (a slot test that is compile-time where every slot lies in the stage)."""
+    from apnumba.conv import _signature as conv_signature, conv_config
+
+    M, N, K = 1024, 256, 9 * 1024
+    cfg = conv_config(1, 2, M, N, K)
+    kernel = sass.compile_kernel(apconv_kernel(1, 2, cfg, "i32"), conv_signature("i32"), (9, 0))
+    check_clean(kernel, count=cfg.mma_per_step(1, 2))
+    windows = kernel.sass.count("SR_CgaCtaId")
+    assert 1 <= windows <= 2, windows
+    # Every copy of the k-tile is issued: A's two slots (whole and ragged k-tile paths) and B's two.
+    assert kernel.sass.count("LDGSTS.E.BYPASS.128") == 6

@@ -122,6 +122,7 @@ K_STEP_WORDS = 8  # 256 bits: one m16n8k256 k-step
 MAX_SUB_STEPS = 8  # k-steps of one warp per stage (stage_steps / warps_k), at most
 MAX_THREADS = 512
 MAX_SPLIT_K = 16
+MAX_STRAIGHT_COPIES = 4  # copy slots a thread issues without a per-slot test (see _build)
 
 
 @dataclass(frozen=True)
@@ -352,6 +353,11 @@ def _build(p, q, config, out, conv, mma, epilogue=None, word_taps=False):
     SW_SHIFT, SW_MASK = {2: (2, 1), 4: (1, 3)}.get(CHUNKS, (0, 7))
     A_COPIES = -(-A_ROWS * CHUNKS // THREADS)  # 16-byte copies per thread per stage
     B_COPIES = -(-B_ROWS * CHUNKS // THREADS)
+    # Every thread's every copy slot lies in the stage (compile-time: no per-copy test in the k-loop) - for
+    # up to MAX_STRAIGHT_COPIES slots: one-warp tiles copy 16 chunks a thread, and without the tests ptxas
+    # computes all their addresses at once (w2a2 1x1w2x1t4sx4: 230 -> 255 registers and spills).
+    A_WHOLE = A_COPIES * THREADS == A_ROWS * CHUNKS and A_COPIES <= MAX_STRAIGHT_COPIES
+    B_WHOLE = B_COPIES * THREADS == B_ROWS * CHUNKS and B_COPIES <= MAX_STRAIGHT_COPIES
     NT_PAIRS, NT_ODD = NT // 2, NT % 2
     # Convolutions: B copy slots c and c + PIXEL_SLOTS read one output pixel (of the next plane) where a
     # plane's BN rows are whole slots of THREADS // CHUNKS rows - the pixel's divisions are done once.
@@ -448,7 +454,7 @@ def _build(p, q, config, out, conv, mma, epilogue=None, word_taps=False):
 
     @cuda.jit(device=True, inline="always")
     def plan_copies(copy, rows_per_plane, rows, row0, kwords, dst_base):
-        """Copy number ``copy`` of a stage: (src word offset, dst word offset, k-step, bytes).
+        """Copy number ``copy`` of a stage: (src word offset, dst word offset in stage 0, k-step, bytes).
 
         Consecutive copies walk along one row's k first, so a warp reads whole 128-byte lines."""
         chunk = copy % CHUNKS
@@ -459,13 +465,14 @@ def _build(p, q, config, out, conv, mma, epilogue=None, word_taps=False):
         return src, dst_base + swizzle(prow, chunk), chunk >> 1, (16 if row0 + row < rows else 0)
 
     @cuda.jit(device=True, inline="always")
-    def plan_operand(tid, rows_per_plane, rows, row0, kwords, dst_base, stage_rows, src, dst, step, nbytes):
-        """This thread's copy slots of one operand (see plan_copies); slots past the stage's rows get dst -1."""
+    def plan_operand(smem, tid, rows_per_plane, rows, row0, kwords, dst_base, stage_rows, src, dst, step, nbytes):
+        """This thread's copy slots of one operand (see plan_copies), dst as shared byte addresses in stage 0;
+        slots past the stage's rows get dst -1 (a shared address is below 2^24 plus the block's rank in its
+        cluster times 2^24: never negative)."""
         for c in range(src.shape[0]):
             copy = c * THREADS + tid
-            src[c], dst[c], step[c], nbytes[c] = plan_copies(copy, rows_per_plane, rows, row0, kwords, dst_base)
-            if copy >= stage_rows * CHUNKS:
-                dst[c] = -1
+            src[c], at, step[c], nbytes[c] = plan_copies(copy, rows_per_plane, rows, row0, kwords, dst_base)
+            dst[c] = int32(smem_addr(smem, at)) if copy < stage_rows * CHUNKS else -1
 
     @cuda.jit(device=True, inline="always")
     def zero_accumulators(acc):
@@ -476,24 +483,27 @@ def _build(p, q, config, out, conv, mma, epilogue=None, word_taps=False):
                         for e in range(4):
                             acc[j, i, mt, nt, e] = 0
 
-    def copier(COPIES):
+    def copier(COPIES, WHOLE):
         @cuda.jit(device=True, inline="always")
         def copy_rows(smem, base, step0, k_steps, words, offset, src, dst, step, nbytes):
-            """Issue this thread's cp.async copies of the k-tile starting at k-step ``step0``."""
+            """Issue this thread's cp.async copies of the k-tile starting at k-step ``step0`` into the stage
+            at word ``base`` (dst: the slots' byte addresses in stage 0)."""
+            base_bytes = int32(base << 2)
             if step0 + STEPS <= k_steps:  # a whole k-tile (all but a ragged last one): no per-copy k test
                 for c in range(COPIES):
-                    if dst[c] >= 0:
-                        cp_async_16(smem, base + dst[c], words, offset + src[c] + step0 * K_STEP_WORDS, nbytes[c])
+                    if WHOLE or dst[c] >= 0:
+                        cp_async_16(smem, int32(dst[c] + base_bytes), words, offset + src[c] + step0 * K_STEP_WORDS,
+                                    nbytes[c])
             else:
                 for c in range(COPIES):
-                    if dst[c] >= 0:
+                    if WHOLE or dst[c] >= 0:
                         live = step0 + step[c] < k_steps
                         at = offset + src[c] + step0 * K_STEP_WORDS if live else int64(0)
-                        cp_async_16(smem, base + dst[c], words, at, nbytes[c] if live else 0)
+                        cp_async_16(smem, int32(dst[c] + base_bytes), words, at, nbytes[c] if live else 0)
 
         return copy_rows
 
-    copy_a, copy_b = copier(A_COPIES), copier(B_COPIES)
+    copy_a, copy_b = copier(A_COPIES, A_WHOLE), copier(B_COPIES, B_WHOLE)
 
     @cuda.jit(device=True, inline="always")
     def load_stage(smem, stage, kt, k_steps, a_words, b_words, a_pass,
@@ -781,12 +791,12 @@ def _build(p, q, config, out, conv, mma, epilogue=None, word_taps=False):
         a_dst = cuda.local.array(A_COPIES, int32)
         a_step = cuda.local.array(A_COPIES, int32)
         a_bytes = cuda.local.array(A_COPIES, int32)
-        plan_operand(tid, BM, M, m0, kwords, 0, A_ROWS, a_src, a_dst, a_step, a_bytes)
+        plan_operand(smem, tid, BM, M, m0, kwords, 0, A_ROWS, a_src, a_dst, a_step, a_bytes)
         b_src = cuda.local.array(B_COPIES, int64)
         b_dst = cuda.local.array(B_COPIES, int32)
         b_step = cuda.local.array(B_COPIES, int32)
         b_bytes = cuda.local.array(B_COPIES, int32)
-        plan_operand(tid, BN, N, n0, kwords, A_ROWS * ROW_WORDS, B_ROWS, b_src, b_dst, b_step, b_bytes)
+        plan_operand(smem, tid, BN, N, n0, kwords, A_ROWS * ROW_WORDS, B_ROWS, b_src, b_dst, b_step, b_bytes)
 
         # Rows whose ldmatrix addresses this lane gives: A (plane 0, m-tile 0), B pair (plane 0, n-tiles 0, 1).
         lanes = ldmatrix_lanes(warp_m, warp_n, lane)
@@ -1074,15 +1084,17 @@ def _build(p, q, config, out, conv, mma, epilogue=None, word_taps=False):
     def load_word_taps(smem, base, b_words, b_dst, b_pixel, b_ih0, b_iw0, word_r, word_s, step_live, H, W, cwords):
         """This thread's B chunks of a stage when a tap is one word: four taps a chunk, each a 4-byte
         copy from its own input pixel (zero-filled outside the image)."""
+        base_bytes = int32(base << 2)
         for i in range(4):
             at = int32(int32(word_r[i] * W + word_s[i]) * cwords)
             for c in range(B_COPIES):
-                if b_dst[c] >= 0:
+                if B_WHOLE or b_dst[c] >= 0:
                     ih = int32(b_ih0[c] + word_r[i])
                     iw = int32(b_iw0[c] + word_s[i])
                     live = step_live and inside(ih, iw, H, W)
                     src = int32(b_pixel[c] * cwords + at)
-                    cp_async_4(smem, int32(base + b_dst[c] + i), b_words, src if live else int32(0), 4 if live else 0)
+                    cp_async_4(smem, int32(b_dst[c] + base_bytes + 4 * i), b_words, src if live else int32(0),
+                               4 if live else 0)
 
     @cuda.jit(device=True, inline="always")
     def advance_word_taps(word_r, word_s, stage_r, stage_s, S):
@@ -1141,7 +1153,7 @@ def _build(p, q, config, out, conv, mma, epilogue=None, word_taps=False):
         a_dst = cuda.local.array(A_COPIES, int32)
         a_step = cuda.local.array(A_COPIES, int32)
         a_bytes = cuda.local.array(A_COPIES, int32)
-        plan_operand(tid, BM, M, m0, kwords, 0, A_ROWS, a_src, a_dst, a_step, a_bytes)
+        plan_operand(smem, tid, BM, M, m0, kwords, 0, A_ROWS, a_src, a_dst, a_step, a_bytes)
         # B (activations): each copy slot is one output pixel's chunk; which input pixel it reads
         # depends on the tap of the k-step, so keep the pixel's corner (ih0, iw0) and its image's
         # first pixel.  THREADS is a multiple of CHUNKS, so every slot of a thread has the same
@@ -1149,14 +1161,14 @@ def _build(p, q, config, out, conv, mma, epilogue=None, word_taps=False):
         # (32-bit arithmetic throughout - the host checks that every operand has < 2^31 words - and
         # 32-bit loop counters: numba's default 64-bit ones cost two instructions per use.)
         chunk = tid % CHUNKS
-        b_dst = cuda.local.array(B_COPIES, int32)
+        b_dst = cuda.local.array(B_COPIES, int32)  # shared byte address in stage 0, -1: no slot
         b_pixel = cuda.local.array(B_COPIES, int32)  # plane * pixels + the corner pixel (ih0, iw0) of the window
         b_ih0 = cuda.local.array(B_COPIES, int32)
         b_iw0 = cuda.local.array(B_COPIES, int32)
         for c in range(B_COPIES):
             prow = (c * THREADS + tid) // CHUNKS
             plane = prow // BN
-            b_dst[c] = A_ROWS * ROW_WORDS + swizzle(prow, chunk) if prow < B_ROWS else -1
+            b_dst[c] = int32(smem_addr(smem, A_ROWS * ROW_WORDS + swizzle(prow, chunk))) if prow < B_ROWS else -1
             if c >= PIXEL_SLOTS:  # another plane of a slot's pixel (compile-time): its corner, a plane on
                 b_pixel[c] = int32(b_pixel[c - PIXEL_SLOTS] + pixels)
                 b_ih0[c] = b_ih0[c - PIXEL_SLOTS]
@@ -1232,13 +1244,15 @@ def _build(p, q, config, out, conv, mma, epilogue=None, word_taps=False):
                         advance_word_taps(word_r, word_s, stage_r, stage_s, S)
                     else:
                         tap_at = int32(int32(tap_r * W + tap_s) * cwords + c_word)
+                        base_bytes = int32(base << 2)
                         for c in range(B_COPIES):
-                            if b_dst[c] >= 0:
+                            if B_WHOLE or b_dst[c] >= 0:
                                 ih = int32(b_ih0[c] + tap_r)
                                 iw = int32(b_iw0[c] + tap_s)
                                 live = step_live and inside(ih, iw, H, W)
                                 src = int32(b_pixel[c] * cwords + tap_at)
-                                cp_async_16(smem, int32(base + b_dst[c]), b_words, src if live else int32(0), 16 if live else 0)
+                                cp_async_16(smem, int32(b_dst[c] + base_bytes), b_words, src if live else int32(0),
+                                            16 if live else 0)
                         c_word = int32(c_word + ROW_WORDS)  # advance this thread's chunk by one stage
                         while c_word >= tap_words:  # (past the last tap: weights are zero there, any pixel will do)
                             c_word = int32(c_word - tap_words)

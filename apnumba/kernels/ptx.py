@@ -456,15 +456,19 @@ else:
     ldmatrix_x2.__doc__ = "Two 8x8 b16 matrices (``.x2``): lanes 0..15 give the row addresses."
 
     def _cp_async(nbytes, cache):
-        """A global -> shared copy of ``nbytes`` without registers (``cp.async.{cache}``); only
-        ``src_bytes`` (0 or nbytes) are read, the rest is zero-filled - how ragged tile edges and
-        image borders become zeros without a branch."""
+        """A global -> shared copy of ``nbytes`` without registers (``cp.async.{cache}``) to the shared
+        byte address ``smem_address`` (:func:`smem_addr` of a word of ``smem``, which names the
+        destination for the simulator); only ``src_bytes`` (0 or nbytes) are read, the rest is
+        zero-filled - how ragged tile edges and image borders become zeros without a branch.
+        (An address rather than an index: ptxas rebuilds the shared window's base - S2UR, ULEA - at
+        every use of the array, so copy plans keep their addresses in registers instead.)"""
 
-        def typer(typingctx, smem, smem_index, gmem, gmem_index, src_bytes):
-            sig = types.void(smem, smem_index, gmem, gmem_index, src_bytes)
+        def typer(typingctx, smem, smem_address, gmem, gmem_index, src_bytes):
+            _check_word_array("cp.async", smem)
+            sig = types.void(smem, smem_address, gmem, gmem_index, src_bytes)
 
             def codegen(context, builder, sig, args):
-                saddr = _shared_address(context, builder, sig.args[0], args[0], args[1], sig.args[1])
+                saddr = context.cast(builder, args[1], sig.args[1], types.uint32)
                 gptr = _element_pointer(context, builder, sig.args[2], args[2], args[3], sig.args[3])
                 size = context.cast(builder, args[4], sig.args[4], types.int32)
                 fnty = ir.FunctionType(ir.VoidType(), [_i32, ir.IntType(64), _i32])

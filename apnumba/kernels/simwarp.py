@@ -192,13 +192,18 @@ def st_shared_v2(smem, index, v0, v1):
     smem[index + 1] = v1
 
 
-def cp_async_16(smem, smem_index, gmem, gmem_index, src_bytes):
+def smem_addr(smem, index):
+    """The simulator's shared "address" of ``smem[index]``: its byte offset in ``smem``."""
+    return 4 * index
+
+
+def cp_async_16(smem, smem_address, gmem, gmem_index, src_bytes):
     for i in range(4):
-        smem[smem_index + i] = gmem[gmem_index + i] if 4 * i < src_bytes else 0
+        smem[smem_address // 4 + i] = gmem[gmem_index + i] if 4 * i < src_bytes else 0
 
 
-def cp_async_4(smem, smem_index, gmem, gmem_index, src_bytes):
-    smem[smem_index] = gmem[gmem_index] if src_bytes else 0
+def cp_async_4(smem, smem_address, gmem, gmem_index, src_bytes):
+    smem[smem_address // 4] = gmem[gmem_index] if src_bytes else 0
 
 
 def cp_async_commit():
@@ -253,7 +258,7 @@ def wgmma_b1(n):
     return _no_wgmma
 
 
-wgmma_fence = wgmma_commit = fence_proxy_async = smem_desc = smem_addr = _no_wgmma
+wgmma_fence = wgmma_commit = fence_proxy_async = smem_desc = _no_wgmma
 
 
 def wgmma_wait(pending):
