@@ -173,6 +173,9 @@ def prepare_apmm(w, x, *, out=None, scale=None, bias=None, out_dtype=None, layou
             raise ValueError(f"out: expected {np.dtype(dtype).name} {shape}, got {np.dtype(out.dtype).name} {tuple(out.shape)}")
         if not out.is_c_contiguous():
             raise ValueError("out: expected a C-contiguous array")
+        if not SIMULATOR and (out.device_ctypes_pointer.value or 0) % 16:
+            raise ValueError("out: expected an array starting on a 16-byte boundary (the kernels store 8 and 16 bytes at "
+                             f"once), got address {out.device_ctypes_pointer.value:#x}: a view into another array?")
     ones, zeros = _ones_zeros(M)
     scale_d = _vector(scale, M, "scale", ones)
     bias_d = _vector(bias, M, "bias", zeros)
@@ -181,10 +184,13 @@ def prepare_apmm(w, x, *, out=None, scale=None, bias=None, out_dtype=None, layou
     mma = reference.mma_kind(w.precision, x.precision, packing)
     cfg = config or choose_config(p, q, M, N, K, out_float, autotune, mma)
     _check_wgmma(cfg, mma)
+    kernel = launcher(p, q, cfg, out_float, mma)
     grid = cfg.grid(M, N)
+    if cfg.persistent:  # as many blocks as run at once, each walking every so-many-th tile
+        grid = (max(1, min(cfg.blocks(M, N), kernel.resident_blocks(cfg.threads))), 1)
     stride_m, stride_n = (N, 1) if layout == "mn" else (1, M)
     c_sw, c_sx, c_const = reference.correction_terms(w.precision, x.precision, K, w.zero_point, x.zero_point, packing)
-    bound = launcher(p, q, cfg, out_float, mma).bind(grid, (cfg.threads,), stream, (
+    bound = kernel.bind(grid, (cfg.threads,), stream, (
         w.words, x.words, M, N, w.kwords, _coef(w.precision, packing), _coef(x.precision, packing), c_sw, c_sx, c_const,
         w.rowsum, x.rowsum, scale_d, bias_d, out, stride_m, stride_n,
     ))

@@ -20,7 +20,7 @@ import os
 from pathlib import Path
 import threading
 
-from .kernels.apmm import MAX_THREADS, TileConfig
+from .kernels.apmm import MAX_THREADS, WGMMA_N, TileConfig
 
 SMS = 132
 MMA_PER_CLOCK = 0.67
@@ -143,10 +143,19 @@ def hopper_config(p, q, M, N, K):
     One-pass tiles (one block per SM, 192 x 256 outputs) also stagger their start (STAGGER_US) and stream
     their output past L2: a wave's blocks otherwise store their tiles at the same moment, at DRAM speed, while
     no SM multiplies.  H100, same run: w1a1 8192^3 227.4 -> 195.5 us, K = 4096 171.3 -> 137.9, K = 16384
-    310.1 -> 300.2; w1a2 339.5 -> 317.7; w2a2, w1a4 within 1.5%; two-pass tiles (w4a4, w8a8) gain nothing."""
+    310.1 -> 300.2; w1a2 339.5 -> 317.7; w2a2, w1a4 within 1.5%; two-pass tiles (w4a4, w8a8) gain nothing.
+
+    Two weight planes in one pass (p = 2) run persistent tiles of two warpgroups instead (128 x q * block_n
+    products a k-step, blocks walking the tiles, the next tile's fill under the stores - TileConfig.persistent).
+    H100, 8192^3, same run, against the staggered three-warpgroup tile: w2a1 356 -> 311 us, w2a2 660 -> 594,
+    w2a4 1,296 -> 1,082; w2a2 4096 x 4096 x 8192 178 -> 159, 8192^2 x 4096 446 -> 399.  Not for one weight
+    plane: w1a1 193 -> 230, w1a2 315 -> 350, w1a3 562 -> 664 (and the three-warpgroup tiles persistent lose
+    more: their stores straight from the fragments take 8 rows x 32 bytes a warp instruction)."""
     cfg = wgmma_config(p, q, 3, 2)
     if cfg is not None and cfg.passes(p) > 1:  # several plane passes: three warpgroups would spill
         cfg = wgmma_config(p, q, 2, 2)
+    elif cfg is not None and p == 2:
+        cfg = dataclasses.replace(wgmma_config(p, q, 2, 2), persistent=True, stream_out=True)
     elif cfg is not None:
         cfg = dataclasses.replace(cfg, stagger_us=STAGGER_US, stream_out=True)
     if cfg is None or K < WGMMA_MIN_K:
@@ -207,7 +216,8 @@ def wgmma_config(p, q, warpgroups=2, steps=2, columns=256, max_stages=8):
     columns), the deepest ring (at most ``max_stages``) of ``steps``-k-step stages that fits in shared memory;
     None where no such tile exists."""
     group = 2 if p % 2 == 0 else 1
-    block_n = (columns // (group * q)) // 8 * 8
+    # q * block_n is the product's n: a wgmma shape (w2a3: 120 is none, 96 is)
+    block_n = max((n // q for n in WGMMA_N if n % (8 * q) == 0 and group * n <= columns), default=0)
     if block_n < 8:
         return None
     for stages in range(max_stages, 2, -1):

@@ -4,6 +4,7 @@
     compute-sanitizer --tool racecheck python tests/sanitize_kernels.py
     compute-sanitizer --tool racecheck python tests/sanitize_kernels.py wgmma   # the warpgroup tiles only
     compute-sanitizer --tool memcheck  python tests/sanitize_kernels.py split   # split-K convolutions only
+    compute-sanitizer --tool racecheck python tests/sanitize_kernels.py persistent   # persistent APMM tiles only
 
 Small problems (the tools are slow); every result is also checked against the reference.
 Not collected by pytest (no test_ prefix).
@@ -49,10 +50,23 @@ def split_cases(rng):
         print(f"apconv split {cfg.short()}: clean run, exact", flush=True)
 
 
+def persistent_cases(rng):
+    """Persistent APMM tiles (the H100's default for w2aX): three blocks walk the tiles - whole ones stored from
+    the accumulators while the next tile's first stages land, ragged ones through the shared tile - int32 and
+    float32, binary activations (column terms: the shared tile everywhere)."""
+    from apnumba.kernels.launch import CompiledKernel
+
+    CompiledKernel.resident_blocks = lambda self, threads: 3
+    cfg = hopper_config(2, 2, 8192, 8192, 8192)
+    for pw, px, M, N, out_float in [("s2", "u2", 256, 192, False), ("u2", "s2", 300, 200, True), ("s2", "b1", 256, 130, False)]:
+        check_apmm(rng, Precision.parse(pw), Precision.parse(px), M, N, 1100, cfg, out_float=out_float)
+    print(f"apmm persistent {cfg.short()}: clean run, exact", flush=True)
+
+
 def main():
     rng = np.random.default_rng(7)
-    if sys.argv[1:] in (["wgmma"], ["split"]):
-        (wgmma_cases if sys.argv[1] == "wgmma" else split_cases)(rng)
+    if sys.argv[1:] in (["wgmma"], ["split"], ["persistent"]):
+        {"wgmma": wgmma_cases, "split": split_cases, "persistent": persistent_cases}[sys.argv[1]](rng)
         print("all sanitizer cases match the reference")
         return
     check_pack(rng, 37, 300, Precision.parse("s3"))

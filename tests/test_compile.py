@@ -13,7 +13,7 @@ import re
 import pytest
 
 from apnumba.kernels import pack, probe
-from apnumba.kernels.apmm import TileConfig, apconv_kernel, apmm_kernel
+from apnumba.kernels.apmm import WGMMA_N, TileConfig, apconv_kernel, apmm_kernel
 from apnumba.kernels.ptx import SIMULATOR
 from apnumba.matmul import _signature
 from apnumba.tuning import default_config, hopper_config, hopper_conv_config, wgmma_config
@@ -184,7 +184,7 @@ def test_apmm_sm80(p, q):
 
 
 WGMMA = [(1, 1, 3, 2), (1, 2, 3, 2), (2, 2, 3, 2), (1, 4, 3, 2), (4, 4, 2, 2), (8, 8, 2, 2), (3, 5, 2, 2),
-         (1, 2, 2, 2), (2, 2, 2, 4), (1, 8, 3, 2), (1, 2, 3, 1)]
+         (1, 2, 2, 2), (2, 2, 2, 4), (1, 8, 3, 2), (1, 2, 3, 1), (2, 2, 2, 2), (2, 3, 2, 2)]
 
 
 @pytest.mark.parametrize("p,q,groups,steps", WGMMA, ids=[f"w{p}a{q}-{g}wg-{s}" for p, q, g, s in WGMMA])
@@ -217,6 +217,46 @@ def test_apmm_staggered_start_sm90a():
     assert c.registers <= 168 and c.spill_bytes <= 160, (c.registers, c.spill_bytes)
 
 
+@pytest.mark.parametrize("out_float", [False, True], ids=["i32", "f32"])
+def test_apmm_persistent_tile_sm90a(out_float):
+    """The H100's default w2a2 tile is persistent: blocks loop over the output tiles (a backward branch around
+    the products and the epilogue), whole tiles store straight from the accumulators in 8-byte stores, the
+    others through the shared tile (16-byte stores); clean SASS, no local memory."""
+    cfg = hopper_config(2, 2, 8192, 8192, 8192)
+    assert cfg.persistent and cfg.threads == 256 and not hopper_config(1, 2, 8192, 8192, 8192).persistent
+    c = sass.compile_kernel(apmm_kernel(2, 2, cfg, out_float), _signature(out_float), (9, 0, "a"))
+    check_clean(c, None)
+    assert c.sass.count("BGMMA.64x128x256.AND.POPC") >= 2
+    assert "st.global.cs.v2.b32" in c.ptx and "st.global.cs.v4.b32" in c.ptx
+    print(f"apmm w2a2 {cfg.short()}: {c.registers} registers")
+
+
+def test_persistent_tiles_are_checked():
+    with pytest.raises(ValueError, match="persistent tiles store straight from the accumulators"):
+        apmm_kernel(4, 4, dataclasses.replace(wgmma_config(4, 4, 2, 2), persistent=True), False)  # two plane passes
+    with pytest.raises(ValueError, match="persistent tiles store straight from the accumulators"):
+        apmm_kernel(1, 1, TileConfig(1, 1, 1, 2, 2, 0, 2, persistent=True), False)  # K split over warps
+    with pytest.raises(ValueError, match="persistent are for APMM"):
+        apconv_kernel(1, 1, TileConfig(persistent=True), "i32")
+
+
+def test_wgmma_products_have_a_wgmma_shape():
+    """A b1 wgmma's n is 8, 16, 24 or a multiple of 16 up to 256 (ptxas rejects m64n120k256: w2a3's tiles once
+    asked for it and failed to compile); every tile the tuner can pick has one, the kernel refuses others, and
+    w2a3's default compiles."""
+    for p, q in itertools.product(range(1, 9), repeat=2):
+        tiles = [wgmma_config(p, q, g, s) for g in (2, 3) for s in (1, 2, 4)]
+        tiles += [hopper_config(p, q, 8192, 8192, 8192), hopper_conv_config(p, q, 256, 256 * 56 * 56, 9 * 256)]
+        for cfg in tiles:
+            assert cfg is None or q * cfg.block_n in WGMMA_N, (p, q, cfg.short())
+    with pytest.raises(ValueError, match="wgmma takes b1 planes"):
+        apmm_kernel(2, 3, TileConfig(8, 1, 1, 5, 4, 0, 1, 2, wgmma=True), False)  # n = 3 x 40 = 120
+    cfg = hopper_config(2, 3, 8192, 8192, 8192)
+    c = sass.compile_kernel(apmm_kernel(2, 3, cfg, False), _signature(False), (9, 0, "a"))
+    check_clean(c, None)
+    assert c.sass.count(f"BGMMA.64x{3 * cfg.block_n}x256.AND.POPC") >= 2
+
+
 def test_wgmma_tiles_are_checked():
     with pytest.raises(ValueError, match="wgmma"):
         TileConfig(4, 2, 1, 8, 4, wgmma=True)
@@ -236,7 +276,7 @@ def test_wgmma_tiles_are_checked():
     assert hopper_config(4, 4, 8192, 8192, 8192).stagger_us == 0
     with pytest.raises(ValueError, match="stagger_us: expected 0 to 1000"):
         TileConfig(stagger_us=-1)
-    with pytest.raises(ValueError, match="stagger_us is for APMM"):
+    with pytest.raises(ValueError, match="stagger_us and persistent are for APMM"):
         apconv_kernel(1, 1, TileConfig(stagger_us=5), "i32")
     # convolutions: 64 pixels x 128 weight rows a stage where the grid has >= 4 blocks per SM, one plane pass
     assert hopper_conv_config(1, 2, 256, 256 * 14 * 14, 9 * 256).short() == "8x1w1x8t4sW"
@@ -275,7 +315,7 @@ def test_apconv_wgmma_sm90a(p, q, M, out, blocks):
     assert hopper_config(1, 2, 4096, 4096, 4096) is None and hopper_config(1, 2, 8192, 4096, 4100) is not None
 
 
-WGMMA_BITS_DEFAULT = [(1, 1), (1, 2), (2, 2), (1, 4), (4, 4), (8, 8), (3, 5), (1, 8)]
+WGMMA_BITS_DEFAULT = [(1, 1), (1, 2), (2, 2), (1, 4), (4, 4), (8, 8), (3, 5), (1, 8), (2, 3)]
 
 
 CONV = [

@@ -156,7 +156,7 @@ def _sm90():
 
 
 requires_sm90 = pytest.mark.skipif(not gpu_available() or SIMULATOR or not _sm90(), reason="wgmma tiles need an sm_90 GPU")
-WGMMA_BITS = [(1, 1), (1, 2), (2, 2), (1, 4), (4, 4), (8, 8), (3, 5), (2, 1)]
+WGMMA_BITS = [(1, 1), (1, 2), (2, 2), (1, 4), (4, 4), (8, 8), (3, 5), (2, 1), (2, 3)]
 
 
 @requires_sm90
@@ -184,6 +184,27 @@ def test_apmm_wgmma_ragged_shapes_and_the_default(rng):
     wg = apmm(W, X)
     assert np.array_equal(apmm(W, X, config=default_config(1, 2, M, N, K)).copy_to_host(), wg.copy_to_host())
     assert prepare_apmm(W, X).config.wgmma and prepare_apmm(W, X).config.stagger_us  # (2,752 blocks: odd ones of the first wave start late)
+
+
+@requires_sm90
+@pytest.mark.parametrize("p,q", [(1, 1), (1, 2), (2, 2), (1, 4), (2, 1)])
+def test_apmm_persistent_tiles(rng, monkeypatch, p, q):
+    """Persistent wgmma tiles: seven blocks walk 30 tiles each problem (ragged in both directions), whole tiles
+    stored straight from the accumulators, the others through the shared tile - every encoding pair with the
+    extreme values, the float epilogue, binary activations (column terms), rows of odd length, the
+    transposed output: each route of the epilogue."""
+    from apnumba.kernels.launch import CompiledKernel
+
+    monkeypatch.setattr(CompiledKernel, "resident_blocks", lambda self, threads: 7)
+    cfg = dataclasses.replace(hopper_config(p, q, 8192, 8192, 8192), persistent=True)
+    M, N, K = 1000, 6 * cfg.block_n - 100, 1000  # 6 x 6 tiles, ragged
+    for pw, px in itertools.product(precisions(p), precisions(q)):
+        check_apmm(rng, pw, px, M, N, K, cfg, w_extreme=True)
+    check_apmm(rng, precisions(p)[-1], precisions(q)[0], M, N, K, cfg, out_float=True)
+    check_apmm(rng, precisions(p)[0], precisions(q)[-1], M, N + 1, K, cfg, out_float=True)  # rows of odd length
+    check_apmm(rng, precisions(p)[0], precisions(q)[0], M, N, K, cfg, layout="nm")
+    assert prepare_apmm(PackedTensor.from_codes(np.zeros((M, K), int), precisions(p)[-1]),  # (not binary: 0 is no +-1 code)
+                        PackedTensor.from_codes(np.zeros((N, K), int), precisions(q)[-1]), config=cfg).grid == (7, 1)
 
 
 def test_apmm_tile_configs_by_hand(rng):

@@ -112,7 +112,9 @@ from .ptx import (
     mma_m16n8k256_and,
     mma_m16n8k32_int8,
     shfl_idx,
+    st_global_cs_v2,
     st_global_cs_v4,
+    st_global_v2,
     st_global_v4,
     st_shared,
     st_shared_v2,
@@ -145,6 +147,9 @@ class TileConfig:
     # warpgroup of 64 rows with mt = 1, warps_n = 1 and nt * 8 = block_n columns; per k-step a
     # warpgroup issues one m64n(q * block_n)k256 per weight plane of the pass.
     wgmma: bool = False
+    # APMM tiles of one pass and one k-group: one block per SM slot walks the output tiles (launch order, every
+    # gridDim.x-th), issuing the next tile's first stages before it stores this one straight from the accumulators.
+    persistent: bool = False
     # > 1 (convolutions): blocks splitting K (grid z) - each sums a share of the k-tiles, the last of a tile to
     # finish adds the others' partial tiles (left in a global workspace) and runs the epilogue alone.
     split_k: int = 1
@@ -240,11 +245,14 @@ class TileConfig:
         extra += f"b{self.min_blocks}" if self.min_blocks else ""
         extra += f"d{self.stagger_us}" if self.stagger_us else ""
         extra += "W" if self.wgmma else ""
+        extra += "P" if self.persistent else ""
         extra += f"z{self.split_k}" if self.split_k > 1 else ""
         return f"{self.warps_m}x{self.warps_n}w{self.mt}x{self.nt}t{self.stages}s{extra}"
 
 
 MMA_KINDS = ("b1", "s8.s8", "s8.u8", "u8.s8", "u8.u8")
+# The n of a b1 wgmma m64nNk256 (PTX ISA, integer and b1 types; ptxas rejects 40, 56, ..., 248).
+WGMMA_N = (8, 16, 24, *range(32, 257, 16))
 
 
 # apconv's geometry array: the sizes, then (divisor, magic, shift) of each launch-constant divisor
@@ -269,9 +277,9 @@ def _check_mma(mma, p, q, config):
         raise ValueError(f"mma: int8 operands are one plane of bytes each (p = q = 1), got p={p}, q={q}")
     if config.wgmma:
         regs = config.group(p) * q * config.block_n
-        if mma != "b1" or q * config.block_n > 256 or regs > 256 or config.group(p) > 2:
-            raise ValueError(f"config: wgmma takes b1 planes, q * block_n <= 256 columns and at most two weight planes a "
-                             f"pass of <= 256 columns in all, got p={p}, q={q}, mma={mma!r}, {config.short()}")
+        if mma != "b1" or q * config.block_n not in WGMMA_N or regs > 256 or config.group(p) > 2:
+            raise ValueError(f"config: wgmma takes b1 planes, q * block_n columns a product in {WGMMA_N} and at most two "
+                             f"weight planes a pass of <= 256 columns in all, got p={p}, q={q}, mma={mma!r}, {config.short()}")
 
 
 @functools.lru_cache(maxsize=None)
@@ -280,12 +288,16 @@ def apmm_kernel(p, q, config, out_float, mma="b1"):
 
     ``mma``: "b1" (bit planes, AND + popc), or the int8 operand types ("s8.u8": W signed, X unsigned)
     of byte-packed operands (one plane each: p = q = 1).
-    Launch: grid (ceil(N / block_n), ceil(M / block_m)), block (config.threads,),
-    dynamic shared memory config.shared_bytes(p, q).
+    Launch: grid (ceil(N / block_n), ceil(M / block_m)) - with ``config.persistent``, (any number of
+    blocks, 1): block b computes tiles b, b + gridDim.x, ... of that grid's launch order - block
+    (config.threads,), dynamic shared memory config.shared_bytes(p, q).
     """
     _check_mma(mma, p, q, config)
     if config.split_k > 1:
         raise ValueError(f"config: split_k is for convolutions (APMM tiles sum all of K), got {config.short()}")
+    if config.persistent and (config.passes(p) > 1 or config.warps_k > 1):
+        raise ValueError(f"config: persistent tiles store straight from the accumulators: one plane pass and warps_k = 1, "
+                         f"got {config.short()} for p={p}")
     return _build(p, q, config, out_float, conv=False, mma=mma)
 
 
@@ -316,8 +328,9 @@ def apconv_kernel(p, q, config, out, mma="b1", epilogue=None, word_taps=False):
     _check_mma(mma, p, q, config)
     if out not in OUT_KINDS:
         raise ValueError(f"out: expected one of {OUT_KINDS}, got {out!r}")
-    if config.stagger_us:
-        raise ValueError(f"config: stagger_us is for APMM tiles, convolutions start every block at once, got {config.short()}")
+    if config.stagger_us or config.persistent:
+        raise ValueError(f"config: stagger_us and persistent are for APMM tiles, convolutions start every block at once, "
+                         f"got {config.short()}")
     if config.split_k > 2:  # (the kernel reads its share count from the grid: one build serves every split)
         config = dataclasses.replace(config, split_k=2)
     return _apconv_kernel(p, q, config, out, mma, epilogue, bool(word_taps))
@@ -401,6 +414,7 @@ def _build(p, q, config, out, conv, mma, epilogue=None, word_taps=False):
     SPLIT_PER_THREAD = -(-SPLIT_PER_THREAD // SPLIT_CHUNK) * SPLIT_CHUNK
     SPLIT_WHOLE = SPLIT_GROUPS == SPLIT_PER_THREAD * THREADS  # every thread's every group is in the tile
     STAGGER_NS = 1000 * config.stagger_us
+    PERSISTENT = config.persistent
     WORD_TAPS = word_taps  # a tap is one word: a chunk of K is four taps (conv only)
     COLS4 = BN // 4  # 4-column groups of the output tile
     # Lanes that share an output pixel's column terms (conv, windows of more than one tap): its valid
@@ -754,102 +768,112 @@ def _build(p, q, config, out, conv, mma, epilogue=None, word_taps=False):
         cuda.syncthreads()
         return True
 
-    def apmm(a_words, b_words, M, N, kwords, coef_w, coef_x, c_sw, c_sx, c_const,
-             sum_w, sum_x, scale, bias, y, y_stride_m, y_stride_n):
-        smem = stages_memory()  # dynamic: config.shared_bytes(p, q), given at launch
-        tid = cuda.threadIdx.x
-        lane = tid & 31
+    @cuda.jit(device=True, inline="always")
+    def thread_roles(tid):
+        """Thread ``tid``'s lane, warp, and the warp's place in the block: (warp_m, warp_n, k-group)."""
         warp = tid >> 5
-        warp_m = warp % WM
-        warp_n = (warp // WM) % WN
-        warp_k = warp // (WM * WN)
-        if STAGGER_NS:
-            # With one block per SM every block of a wave stores its output tile at the same moment (a burst
-            # at DRAM speed while no SM multiplies); the first wave's odd blocks start late, and the SMs that
-            # run them keep that phase, so half the SMs store while the other half multiply.
-            linear = cuda.blockIdx.y * cuda.gridDim.x + cuda.blockIdx.x
-            if (linear & 1) and linear < sm_count():
-                sleep_ns(STAGGER_NS)
-        if RASTER:
-            # Grouped order (as in Triton's matmul tutorial): consecutive blocks walk down RASTER
-            # block-rows, then move one block-column right, so blocks running together share A and
-            # B panels in L2 instead of sweeping all of B once per block-row.
-            tiles_n = cuda.gridDim.x
-            group, within = divmod_u32(cuda.blockIdx.y * tiles_n + cuda.blockIdx.x, RASTER * tiles_n)
-            rows_in_group = min(cuda.gridDim.y - group * RASTER, RASTER)
-            col, row = divmod_u32(within, rows_in_group)
-            m0 = (group * RASTER + row) * BM
-            n0 = col * BN
-        else:
-            m0 = cuda.blockIdx.y * BM
-            n0 = cuda.blockIdx.x * BN
-        k_steps = kwords // K_STEP_WORDS
-        k_tiles = (k_steps + STEPS - 1) // STEPS
+        return tid & 31, warp, warp % WM, (warp // WM) % WN, warp // (WM * WN)
 
-        # Copy plan: the 16-byte chunks this thread moves every k-tile (the same ones each time).
-        a_src = cuda.local.array(A_COPIES, int64)
-        a_dst = cuda.local.array(A_COPIES, int32)
-        a_step = cuda.local.array(A_COPIES, int32)
-        a_bytes = cuda.local.array(A_COPIES, int32)
+    @cuda.jit(device=True, inline="always")
+    def tile_origin(tile, tiles_n, tiles_m):
+        """Output tile number ``tile`` (launch order) -> its first row and column (m0, n0).  With RASTER,
+        grouped order (as in Triton's matmul tutorial): consecutive tiles walk down RASTER block-rows, then
+        move one block-column right, so blocks running together share A and B panels in L2 instead of
+        sweeping all of B once per block-row."""
+        if RASTER:
+            group, within = divmod_u32(tile, RASTER * tiles_n)
+            rows_in_group = min(tiles_m - group * RASTER, RASTER)
+            col, row = divmod_u32(within, rows_in_group)
+            return (group * RASTER + row) * BM, col * BN
+        row, col = divmod_u32(tile, tiles_n)
+        return row * BM, col * BN
+
+    @cuda.jit(device=True, inline="always")
+    def plan_tile(smem, tid, m0, n0, M, N, kwords, a_src, a_dst, a_step, a_bytes, b_src, b_dst, b_step, b_bytes):
+        """The copy plan of the tile at (m0, n0): the 16-byte chunks this thread moves every k-tile."""
         plan_operand(smem, tid, BM, M, m0, kwords, 0, A_ROWS, a_src, a_dst, a_step, a_bytes)
-        b_src = cuda.local.array(B_COPIES, int64)
-        b_dst = cuda.local.array(B_COPIES, int32)
-        b_step = cuda.local.array(B_COPIES, int32)
-        b_bytes = cuda.local.array(B_COPIES, int32)
         plan_operand(smem, tid, BN, N, n0, kwords, A_ROWS * ROW_WORDS, B_ROWS, b_src, b_dst, b_step, b_bytes)
 
-        # Rows whose ldmatrix addresses this lane gives: A (plane 0, m-tile 0), B pair (plane 0, n-tiles 0, 1).
-        lanes = ldmatrix_lanes(warp_m, warp_n, lane)
+    @cuda.jit(device=True, inline="always")
+    def fill_pipeline(smem, k_tiles, k_steps, a_words, b_words, a_pass,
+                      a_src, a_dst, a_step, a_bytes, b_src, b_dst, b_step, b_bytes):
+        """Prologue: k-tiles 0 .. AHEAD - 1 into stages 0 .. AHEAD - 1, a commit group each (empty past K)."""
+        for s in range(AHEAD):
+            if s < k_tiles:
+                load_stage(smem, s, s, k_steps, a_words, b_words, a_pass,
+                           a_src, a_dst, a_step, a_bytes, b_src, b_dst, b_step, b_bytes)
+            cp_async_commit()
 
-        acc = cuda.local.array((PG, Q, MT, NT, 4), int32)
-        a_frag = cuda.local.array((PG, MT, 4), int32)
-        b_frag = cuda.local.array((Q, NT, 2), int32)
-        pair_coef = cuda.local.array((PG, Q), int32)
-
-        for ps in range(PASSES):
-            if not WGMMA:  # (wgmma_start zeroes its own; wgmma_drain writes every element of acc)
-                zero_accumulators(acc)
-            a_pass = int64(ps * PG) * M * kwords
-
-            for s in range(AHEAD):  # prologue: fill all stages but one (wgmma: but two)
-                if s < k_tiles:
-                    load_stage(smem, s, s, k_steps, a_words, b_words, a_pass,
+    @cuda.jit(device=True, inline="always")
+    def multiply(smem, warp, warp_k, lanes, k_tiles, k_steps, a_words, b_words, a_pass,
+                 a_src, a_dst, a_step, a_bytes, b_src, b_dst, b_step, b_bytes, acc, a_frag, b_frag):
+        """The main loop over K (the pipeline filled): this warp's plane products of the pass into ``acc``.
+        Each iteration waits for its stage, refills the stage read AHEAD k-tiles ago, and multiplies."""
+        if WGMMA:
+            wg_rows, acc0, acc1 = wgmma_start(warp)
+            for kt in range(k_tiles):
+                wait_for_stage()
+                fence_proxy_async()  # the landed copies, visible to wgmma's (async proxy) reads ...
+                cuda.syncthreads()  # ... everybody's, and k-tile kt - 2's groups are done everywhere
+                nxt = kt + AHEAD
+                if nxt < k_tiles:
+                    load_stage(smem, nxt % STAGES, nxt, k_steps, a_words, b_words, a_pass,
                                a_src, a_dst, a_step, a_bytes, b_src, b_dst, b_step, b_bytes)
                 cp_async_commit()
+                acc0, acc1 = wgmma_stage(smem, (kt % STAGES) * STAGE_WORDS, wg_rows, acc0, acc1)
+            wgmma_drain(acc, acc0, acc1)
+        else:
+            zero_accumulators(acc)
+            for kt in range(k_tiles):
+                wait_for_stage()  # this thread's copies of k-tile kt have landed ...
+                cuda.syncthreads()  # ... everybody's too, and stage (kt - 1) % STAGES is free again
+                nxt = kt + AHEAD
+                if nxt < k_tiles:
+                    load_stage(smem, nxt % STAGES, nxt, k_steps, a_words, b_words, a_pass,
+                               a_src, a_dst, a_step, a_bytes, b_src, b_dst, b_step, b_bytes)
+                cp_async_commit()
+                compute_stage(smem, (kt % STAGES) * STAGE_WORDS, warp_k, lanes, acc, a_frag, b_frag)
 
-            if WGMMA:
-                wg_rows, acc0, acc1 = wgmma_start(warp)
-                for kt in range(k_tiles):
-                    wait_for_stage()
-                    fence_proxy_async()  # the landed copies, visible to wgmma's (async proxy) reads ...
-                    cuda.syncthreads()  # ... everybody's, and k-tile kt - 2's groups are done everywhere
-                    nxt = kt + AHEAD
-                    if nxt < k_tiles:
-                        load_stage(smem, nxt % STAGES, nxt, k_steps, a_words, b_words, a_pass,
-                                   a_src, a_dst, a_step, a_bytes, b_src, b_dst, b_step, b_bytes)
-                    cp_async_commit()
-                    acc0, acc1 = wgmma_stage(smem, (kt % STAGES) * STAGE_WORDS, wg_rows, acc0, acc1)
-                wgmma_drain(acc, acc0, acc1)
+    @cuda.jit(device=True, inline="always")
+    def store_fragments(acc, pair_coef, m0, n0, warp_m, warp_n, lane, c_sw, c_const, sum_w, scale, bias, y, y_stride_m):
+        """Persistent tiles' epilogue for a whole tile of a row-major output with rows of an even length and no
+        column terms (c_sx = 0: the usual case), straight from the accumulators: no shared tile, no barrier -
+        the stages already hold the next tile's first k-tiles.  A lane's elements of an m16n8 tile are rows g
+        and g + 8, columns 2t and 2t + 1 (g = lane / 4, t = lane % 4): each row's pair is one 8-byte store,
+        the 4 lanes of a row write one whole 32-byte sector.  No branch in the loops: they unroll, which keeps
+        ``acc`` in registers (its indices known at compile time)."""
+        g = lane >> 2
+        t = lane & 3
+        for mt in range(MT):
+            for half in range(2):
+                m = m0 + warp_m * 16 * MT + mt * 16 + g + 8 * half
+                row_term = c_const + c_sw * sum_w[m]
+                sc = scale[m]
+                bi = bias[m]
+                for nt in range(NT):
+                    v0 = int32(row_term)
+                    v1 = int32(row_term)
+                    for j in range(PG):
+                        for i in range(Q):
+                            v0 += pair_coef[j, i] * acc[j, i, mt, nt, 2 * half]
+                            v1 += pair_coef[j, i] * acc[j, i, mt, nt, 2 * half + 1]
+                    at = m * y_stride_m + n0 + warp_n * 8 * NT + nt * 8 + 2 * t
+                    if OUT_FLOAT:
+                        y0 = f32_add_rn(f32_mul_rn(float32(v0), sc), bi)
+                        y1 = f32_add_rn(f32_mul_rn(float32(v1), sc), bi)
+                    else:
+                        y0 = v0
+                        y1 = v1
+                    if STREAM_OUT:
+                        st_global_cs_v2(y, at, y0, y1)
+                    else:
+                        st_global_v2(y, at, y0, y1)
 
-            else:
-                for kt in range(k_tiles):
-                    wait_for_stage()  # this thread's copies of k-tile kt have landed ...
-                    cuda.syncthreads()  # ... everybody's too, and stage (kt - 1) % STAGES is free again
-                    nxt = kt + AHEAD
-                    if nxt < k_tiles:
-                        load_stage(smem, nxt % STAGES, nxt, k_steps, a_words, b_words, a_pass,
-                                   a_src, a_dst, a_step, a_bytes, b_src, b_dst, b_step, b_bytes)
-                    cp_async_commit()
-
-                    compute_stage(smem, (kt % STAGES) * STAGE_WORDS, warp_k, lanes, acc, a_frag, b_frag)
-
-            # Epilogue step 1: plane pairs weighted cw_j * cx_i -> the int32 output tile in shared
-            # memory.  With one pass it lies over the stages, so wait until every warp is done.
-            fold_into_tile(smem, ps, acc, pair_coef, coef_w, coef_x, warp_m, warp_n, warp_k, lane)
-
-        # Epilogue step 2: walk the tile along the output's contiguous axis, four elements per
-        # thread at a time (16-byte loads and stores where the row allows): binary-encoding
-        # corrections, then int32 or float32 out.
+    @cuda.jit(device=True, inline="always")
+    def store_tile(smem, tid, m0, n0, M, N, c_sw, c_sx, c_const, sum_w, sum_x, scale, bias, y, y_stride_m, y_stride_n):
+        """Epilogue step 2: walk the tile along the output's contiguous axis, four elements per
+        thread at a time (16-byte loads and stores where the row allows): binary-encoding
+        corrections, then int32 or float32 out."""
         if y_stride_n == 1 and FIXED_COLUMNS:
             # Each thread keeps four adjacent columns and walks down the rows: the column terms
             # (c_sx * SX[n]) are loaded once, each row costs one shared load, its row term and one store.
@@ -925,6 +949,105 @@ def _build(p, q, config, out, conv, mma, epilogue=None, word_taps=False):
                     row_term = c_const + (c_sw * sum_w[m] if c_sw != 0 else 0)
                     one = int32(ld_shared(smem, TILE_BASE + r * TILE_LD + c))
                     y[m * y_stride_m + n * y_stride_n] = finish(one, row_term, c_sx, sum_x, n, scale, bias, m)
+
+    def apmm(a_words, b_words, M, N, kwords, coef_w, coef_x, c_sw, c_sx, c_const,
+             sum_w, sum_x, scale, bias, y, y_stride_m, y_stride_n):
+        smem = stages_memory()  # dynamic: config.shared_bytes(p, q), given at launch
+        tid = cuda.threadIdx.x
+        lane, warp, warp_m, warp_n, warp_k = thread_roles(tid)
+        if STAGGER_NS:
+            # With one block per SM every block of a wave stores its output tile at the same moment (a burst
+            # at DRAM speed while no SM multiplies); the first wave's odd blocks start late, and the SMs that
+            # run them keep that phase, so half the SMs store while the other half multiply.
+            linear = cuda.blockIdx.y * cuda.gridDim.x + cuda.blockIdx.x
+            if (linear & 1) and linear < sm_count():
+                sleep_ns(STAGGER_NS)
+        if PERSISTENT:
+            tiles_n, _ = divmod_u32(N + (BN - 1), BN)
+            tiles_m, _ = divmod_u32(M + (BM - 1), BM)
+            tile = cuda.blockIdx.x
+            m0, n0 = tile_origin(tile, tiles_n, tiles_m)
+        elif RASTER:
+            m0, n0 = tile_origin(cuda.blockIdx.y * cuda.gridDim.x + cuda.blockIdx.x, cuda.gridDim.x, cuda.gridDim.y)
+        else:
+            m0 = cuda.blockIdx.y * BM
+            n0 = cuda.blockIdx.x * BN
+        k_steps = kwords // K_STEP_WORDS
+        k_tiles = (k_steps + STEPS - 1) // STEPS
+
+        # Copy plan: the 16-byte chunks this thread moves every k-tile (the same ones each time).
+        a_src = cuda.local.array(A_COPIES, int64)
+        a_dst = cuda.local.array(A_COPIES, int32)
+        a_step = cuda.local.array(A_COPIES, int32)
+        a_bytes = cuda.local.array(A_COPIES, int32)
+        b_src = cuda.local.array(B_COPIES, int64)
+        b_dst = cuda.local.array(B_COPIES, int32)
+        b_step = cuda.local.array(B_COPIES, int32)
+        b_bytes = cuda.local.array(B_COPIES, int32)
+        plan_tile(smem, tid, m0, n0, M, N, kwords, a_src, a_dst, a_step, a_bytes, b_src, b_dst, b_step, b_bytes)
+
+        # Rows whose ldmatrix addresses this lane gives: A (plane 0, m-tile 0), B pair (plane 0, n-tiles 0, 1).
+        lanes = ldmatrix_lanes(warp_m, warp_n, lane)
+
+        acc = cuda.local.array((PG, Q, MT, NT, 4), int32)
+        a_frag = cuda.local.array((PG, MT, 4), int32)
+        b_frag = cuda.local.array((Q, NT, 2), int32)
+        pair_coef = cuda.local.array((PG, Q), int32)
+
+        if PERSISTENT:
+            # One pass, one k-group, tile after tile.  A whole tile of a row-major output without column terms
+            # (the usual case) issues the next tile's first k-tiles, then stores its accumulators straight from
+            # the registers: the next tile's fill runs under the stores (a new block's launch, copy plan and
+            # fill would follow them).  Other tiles (ragged edges, c_sx != 0, odd rows, a column-major output)
+            # take the shared tile as the other tiles do, then the next tile's fill.
+            for j in range(PG):
+                for i in range(Q):
+                    pair_coef[j, i] = coef_w[j] * coef_x[i]
+            direct_layout = c_sx == 0 and y_stride_n == 1 and (y_stride_m & 1) == 0
+            fill_pipeline(smem, k_tiles, k_steps, a_words, b_words, int64(0),
+                          a_src, a_dst, a_step, a_bytes, b_src, b_dst, b_step, b_bytes)
+            while tile < tiles_n * tiles_m:
+                multiply(smem, warp, warp_k, lanes, k_tiles, k_steps, a_words, b_words, int64(0),
+                         a_src, a_dst, a_step, a_bytes, b_src, b_dst, b_step, b_bytes, acc, a_frag, b_frag)
+                nxt = tile + cuda.gridDim.x
+                next_m0, next_n0 = tile_origin(nxt, tiles_n, tiles_m)
+                if direct_layout and m0 + BM <= M and n0 + BN <= N:
+                    cuda.syncthreads()  # every warp is done reading the stages
+                    if nxt < tiles_n * tiles_m:
+                        plan_tile(smem, tid, next_m0, next_n0, M, N, kwords,
+                                  a_src, a_dst, a_step, a_bytes, b_src, b_dst, b_step, b_bytes)
+                        fill_pipeline(smem, k_tiles, k_steps, a_words, b_words, int64(0),
+                                      a_src, a_dst, a_step, a_bytes, b_src, b_dst, b_step, b_bytes)
+                    store_fragments(acc, pair_coef, m0, n0, warp_m, warp_n, lane, c_sw, c_const, sum_w,
+                                    scale, bias, y, y_stride_m)
+                else:
+                    fold_into_tile(smem, 0, acc, pair_coef, coef_w, coef_x, warp_m, warp_n, warp_k, lane)
+                    store_tile(smem, tid, m0, n0, M, N, c_sw, c_sx, c_const, sum_w, sum_x, scale, bias, y,
+                               y_stride_m, y_stride_n)
+                    cuda.syncthreads()  # the tile is read before the next tile's copies land over it
+                    if nxt < tiles_n * tiles_m:
+                        plan_tile(smem, tid, next_m0, next_n0, M, N, kwords,
+                                  a_src, a_dst, a_step, a_bytes, b_src, b_dst, b_step, b_bytes)
+                        fill_pipeline(smem, k_tiles, k_steps, a_words, b_words, int64(0),
+                                      a_src, a_dst, a_step, a_bytes, b_src, b_dst, b_step, b_bytes)
+                tile = nxt
+                m0 = next_m0
+                n0 = next_n0
+            wait_all()  # (a block given no tile leaves no copy in flight)
+            return
+
+        for ps in range(PASSES):
+            a_pass = int64(ps * PG) * M * kwords
+            fill_pipeline(smem, k_tiles, k_steps, a_words, b_words, a_pass,
+                          a_src, a_dst, a_step, a_bytes, b_src, b_dst, b_step, b_bytes)
+            multiply(smem, warp, warp_k, lanes, k_tiles, k_steps, a_words, b_words, a_pass,
+                     a_src, a_dst, a_step, a_bytes, b_src, b_dst, b_step, b_bytes, acc, a_frag, b_frag)
+            # Epilogue step 1: plane pairs weighted cw_j * cx_i -> the int32 output tile in shared
+            # memory.  With one pass it lies over the stages, so wait until every warp is done.
+            fold_into_tile(smem, ps, acc, pair_coef, coef_w, coef_x, warp_m, warp_n, warp_k, lane)
+
+        # Epilogue step 2: walk the tile along the output's contiguous axis.
+        store_tile(smem, tid, m0, n0, M, N, c_sw, c_sx, c_const, sum_w, sum_x, scale, bias, y, y_stride_m, y_stride_n)
 
     @cuda.jit(device=True, inline="always")
     def inside(ih, iw, H, W):
@@ -1124,11 +1247,7 @@ def _build(p, q, config, out, conv, mma, epilogue=None, word_taps=False):
         """
         smem = stages_memory()
         tid = cuda.threadIdx.x
-        lane = tid & 31
-        warp = tid >> 5
-        warp_m = warp % WM
-        warp_n = (warp // WM) % WN
-        warp_k = warp // (WM * WN)
+        lane, warp, warp_m, warp_n, warp_k = thread_roles(tid)
         m0 = cuda.blockIdx.y * BM
         n0 = cuda.blockIdx.x * BN
         H = geometry[0]

@@ -46,6 +46,14 @@ class CompiledKernel:
         attrs = self._compiled._codelibrary.get_cufunc().attrs
         return {"registers": attrs.regs, "local_bytes": attrs.local, "static_shared_bytes": attrs.shared}
 
+    def resident_blocks(self, threads):
+        """Blocks of ``threads`` threads (with the dynamic shared memory) that fit on the GPU at once, all SMs;
+        in the simulator, which runs blocks one after another, two - enough for a persistent block to walk
+        several tiles."""
+        if self._compiled is None:
+            return 2
+        return self._compiled.max_cooperative_grid_blocks(threads, self.dynamic_shared)
+
     def bind(self, grid, block, stream, args):
         """A launch with its arguments converted now; calling it launches the kernel."""
         return BoundLaunch(self, grid, block, stream, args)
@@ -62,6 +70,7 @@ def scalar_ctype(ty):
 class BoundLaunch:
     def __init__(self, compiled, grid, block, stream, args):
         self.compiled = compiled
+        self.grid = tuple(grid)
         if SIMULATOR:
             self._args = [_flat(a) if hasattr(a, "copy_to_host") else a for a in args]
             # Configure at each call: the simulator's kernel[...] keeps the launch configuration on the

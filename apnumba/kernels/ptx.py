@@ -72,6 +72,8 @@ __all__ = [
     "ld_shared_v4",
     "st_global_v4",
     "st_global_cs_v4",
+    "st_global_v2",
+    "st_global_cs_v2",
     "ld_global_cg_v4",
     "SHARED_ALIGN",
     "cp_async_16",
@@ -141,6 +143,8 @@ if SIMULATOR:
         ld_shared_v4,
         st_global_v4,
         st_global_cs_v4,
+        st_global_v2,
+        st_global_cs_v2,
         ld_global_cg_v4,
         cp_async_16,
         cp_async_4,
@@ -353,11 +357,13 @@ else:
 
         return types.UniTuple(types.int32, 4)(smem, index), codegen
 
-    def _st_global_v4(cache):
-        text = f"st.global{cache}.v4.b32 [$0], {{$1, $2, $3, $4}};"
+    def _st_global(count, cache):
+        """``st.global{cache}.v{count}.b32``: ``count`` (2 or 4) 32-bit values to ``array[index:]`` in one store."""
+        regs = ", ".join(f"${i + 1}" for i in range(count))
+        text = f"st.global{cache}.v{count}.b32 [$0], {{{regs}}};"
 
-        def typer(typingctx, array, index, v0, v1, v2, v3):
-            _check_word_array("st_global_v4", array)
+        def typed(array, index, values):
+            _check_word_array(f"st_global_v{count}", array)
 
             def codegen(context, builder, sig, args):
                 ptr = _element_pointer(context, builder, sig.args[0], args[0], args[1], sig.args[1])
@@ -366,21 +372,25 @@ else:
                 for v, t in zip(args[2:], sig.args[2:]):
                     x = context.cast(builder, v, t, elem)
                     vals.append(builder.bitcast(x, _i32) if isinstance(elem, types.Float) else x)
-                asm = ir.InlineAsm(
-                    ir.FunctionType(ir.VoidType(), [ir.IntType(64)] + [_i32] * 4), text, "l,r,r,r,r,~{memory}",
-                    side_effect=True,
-                )
+                asm = ir.InlineAsm(ir.FunctionType(ir.VoidType(), [ir.IntType(64)] + [_i32] * count), text,
+                                   "l," + "r," * count + "~{memory}", side_effect=True)
                 builder.call(asm, [_global_address(builder, ptr)] + vals)
                 return context.get_dummy_value()
 
-            return types.void(array, index, v0, v1, v2, v3), codegen
+            return types.void(array, index, *values), codegen
 
-        return typer
+        if count == 2:
+            return lambda typingctx, array, index, v0, v1: typed(array, index, (v0, v1))
+        return lambda typingctx, array, index, v0, v1, v2, v3: typed(array, index, (v0, v1, v2, v3))
 
-    st_global_v4 = intrinsic(_st_global_v4(""))
+    st_global_v4 = intrinsic(_st_global(4, ""))
     st_global_v4.__doc__ = "``array[index : index + 4] = v0..v3`` in one 16-byte store (32-bit elements, 16-byte aligned)."
-    st_global_cs_v4 = intrinsic(_st_global_v4(".cs"))
+    st_global_cs_v4 = intrinsic(_st_global(4, ".cs"))
     st_global_cs_v4.__doc__ = "As st_global_v4, marked evict-first (``.cs``): streamed output that should not displace L2 data."
+    st_global_v2 = intrinsic(_st_global(2, ""))
+    st_global_v2.__doc__ = "``array[index], array[index + 1] = v0, v1`` in one 8-byte store (32-bit elements, 8-byte aligned)."
+    st_global_cs_v2 = intrinsic(_st_global(2, ".cs"))
+    st_global_cs_v2.__doc__ = "As st_global_v2, marked evict-first (``.cs``)."
 
     @intrinsic
     def ld_global_cg_v4(typingctx, array, index):

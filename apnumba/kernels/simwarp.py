@@ -179,6 +179,14 @@ def st_global_v4(array, index, v0, v1, v2, v3):
 st_global_cs_v4 = st_global_v4
 
 
+def st_global_v2(array, index, v0, v1):
+    array[index] = v0
+    array[index + 1] = v1
+
+
+st_global_cs_v2 = st_global_v2
+
+
 def ld_global_cg_v4(array, index):
     return tuple(np.int32(array[index + i]) for i in range(4))  # (an int32 workspace)
 

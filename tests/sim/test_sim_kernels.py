@@ -40,6 +40,13 @@ CASES = [
     ("b1", "u2", TileConfig(1, 1, 1, 1, 2, raster=3, stream_out=True), 80, 20, 256, False, "mn"),  # grouped order
     ("s2", "u2", TileConfig(1, 1, 3, 1, 2), 100, 9, 300, True, "mn"),  # three m16 tiles a warp, a ragged last block
     ("u2", "b1", TileConfig(1, 1, 1, 1, 2, stagger_us=1), 40, 20, 300, False, "mn"),  # odd blocks start late
+    # Persistent: two blocks walk the tiles (the simulator's resident_blocks), stores straight from the fragments.
+    # Whole tiles of row-major outputs with rows of an even length and no column terms store from the fragments;
+    # the others (ragged edges, odd rows, binary activations, transposed) through the shared tile.
+    ("u2", "u2", TileConfig(1, 1, 1, 2, 3, persistent=True), 45, 38, 600, False, "mn"),  # 9 tiles, 4 whole
+    ("b1", "s2", TileConfig(1, 1, 2, 1, 2, 0, 1, 2, raster=2, persistent=True), 70, 16, 900, True, "mn"),  # grouped
+    ("u2", "u1", TileConfig(1, 1, 1, 2, 2, persistent=True), 32, 33, 300, True, "mn"),  # rows of odd length
+    ("s2", "b1", TileConfig(1, 1, 1, 3, 2, persistent=True, stream_out=True, stagger_us=1), 33, 50, 300, True, "nm"),
 ]
 
 
