@@ -189,7 +189,7 @@ def test_apmm_wgmma_ragged_shapes_and_the_default(rng):
 @requires_sm90
 @pytest.mark.parametrize("p,q", [(1, 1), (1, 2), (2, 2), (1, 4), (2, 1)])
 def test_apmm_persistent_tiles(rng, monkeypatch, p, q):
-    """Persistent wgmma tiles: seven blocks walk 30 tiles each problem (ragged in both directions), whole tiles
+    """Persistent wgmma tiles: seven blocks walk 36 or 48 tiles each problem (ragged both ways), whole tiles
     stored straight from the accumulators, the others through the shared tile - every encoding pair with the
     extreme values, the float epilogue, binary activations (column terms), rows of odd length, the
     transposed output: each route of the epilogue."""
@@ -197,7 +197,7 @@ def test_apmm_persistent_tiles(rng, monkeypatch, p, q):
 
     monkeypatch.setattr(CompiledKernel, "resident_blocks", lambda self, threads: 7)
     cfg = dataclasses.replace(hopper_config(p, q, 8192, 8192, 8192), persistent=True)
-    M, N, K = 1000, 6 * cfg.block_n - 100, 1000  # 6 x 6 tiles, ragged
+    M, N, K = 1000, 6 * cfg.block_n - 100, 1000  # 6 (or 8) x 6 tiles, ragged
     for pw, px in itertools.product(precisions(p), precisions(q)):
         check_apmm(rng, pw, px, M, N, K, cfg, w_extreme=True)
     check_apmm(rng, precisions(p)[-1], precisions(q)[0], M, N, K, cfg, out_float=True)
