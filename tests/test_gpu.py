@@ -266,10 +266,11 @@ def test_apconv_zero_points(rng):
 
 
 @requires_sm90
-@pytest.mark.parametrize("p,q", [(1, 1), (1, 2), (2, 2), (1, 4), (4, 4), (8, 8), (3, 5)])
+@pytest.mark.parametrize("p,q", [(1, 1), (1, 2), (2, 2), (1, 4), (4, 4), (8, 8), (3, 5), (2, 3)])
 def test_apconv_wgmma_every_encoding(rng, p, q):
     """The convolution on warpgroup tiles (one and two warpgroups, one and two k-steps a stage): every
-    encoding pair, with a border, ragged channels (45: taps of two words, two a k-step) and a stride."""
+    encoding pair, with a border, ragged channels (45: taps of two words, two a k-step) and a stride
+    (w2a3: a product of n = 96, where 120 would be no wgmma shape)."""
     for cfg in (wgmma_config(p, q, 2, 1), wgmma_config(p, q, 1, 2)):
         for pw, px in itertools.product(precisions(p), precisions(q)):
             check_conv(rng, px, pw, (2, 10, 11, 45), 70, 3, 1, 1, cfg, out_float=pw.encoding.value == "signed")

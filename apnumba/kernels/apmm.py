@@ -69,6 +69,18 @@ block walks that tile along the output's contiguous axis: binary-encoding
 corrections (c_sw, c_sx, c_const), then int32, or float32 ``fadd_rn(fmul_rn(y, scale[m]), bias[m])``
 (two roundings, as numpy does them, never an FMA), ragged edges masked.  Step
 (2) is where fused epilogues (requantize, pack, ReLU, residual) plug in.
+
+Persistent tiles (``TileConfig(persistent=True)``, APMM of one plane pass; on an H100 the default for
+two-bit weights) launch as many blocks as fit at once; block b computes output tiles b, b + gridDim.x,
+... (launch order, raster included), with the same copy plan shape::
+
+    tile t:  fill | k-loop .............. | sync | plan + fill tile t+1 | store t (from registers)
+    tile t+1:                                      | k-loop (its first stages already landing) ...
+
+A whole tile of a row-major output (rows of an even length, no column terms) is stored straight from
+the accumulators (8-byte stores: lanes 4g .. 4g+3 write row g's 32-byte sector), so the stages are
+free for the next tile's first k-tiles while it stores; any other tile takes the two steps above, then
+the next tile's fill.
 """
 
 import dataclasses
