@@ -1215,6 +1215,23 @@ def _build(p, q, config, out, conv, mma, epilogue=None, word_taps=False):
         for k in range(LEVEL_COLS):
             dst[row, k] = thresholds[mc * LEVEL_COLS + k]
 
+    def tap_gatherer(copy, NBYTES):
+        @cuda.jit(device=True, inline="always")
+        def gather_tap(smem, dst_bytes, b_words, b_dst, b_pixel, b_ih0, b_iw0, r, s, word, step_live, H, W, cwords):
+            """This thread's B copies of one tap (r, s) of its pixels: NBYTES from word ``word`` of input
+            pixel (ih0 + r, iw0 + s) to its slot + ``dst_bytes`` - zero-filled outside the image or past K."""
+            for c in range(B_COPIES):
+                if B_WHOLE or b_dst[c] >= 0:
+                    ih = int32(b_ih0[c] + r)
+                    iw = int32(b_iw0[c] + s)
+                    live = step_live and inside(ih, iw, H, W)
+                    src = int32(b_pixel[c] * cwords + word)
+                    copy(smem, int32(b_dst[c] + dst_bytes), b_words, src if live else int32(0), NBYTES if live else 0)
+
+        return gather_tap
+
+    gather_chunk, gather_word = tap_gatherer(cp_async_16, 16), tap_gatherer(cp_async_4, 4)
+
     @cuda.jit(device=True, inline="always")
     def load_word_taps(smem, base, b_words, b_dst, b_pixel, b_ih0, b_iw0, word_r, word_s, step_live, H, W, cwords):
         """This thread's B chunks of a stage when a tap is one word: four taps a chunk, each a 4-byte
@@ -1222,14 +1239,8 @@ def _build(p, q, config, out, conv, mma, epilogue=None, word_taps=False):
         base_bytes = int32(base << 2)
         for i in range(4):
             at = int32(int32(word_r[i] * W + word_s[i]) * cwords)
-            for c in range(B_COPIES):
-                if B_WHOLE or b_dst[c] >= 0:
-                    ih = int32(b_ih0[c] + word_r[i])
-                    iw = int32(b_iw0[c] + word_s[i])
-                    live = step_live and inside(ih, iw, H, W)
-                    src = int32(b_pixel[c] * cwords + at)
-                    cp_async_4(smem, int32(b_dst[c] + base_bytes + 4 * i), b_words, src if live else int32(0),
-                               4 if live else 0)
+            gather_word(smem, int32(base_bytes + 4 * i), b_words, b_dst, b_pixel, b_ih0, b_iw0, word_r[i], word_s[i], at,
+                        step_live, H, W, cwords)
 
     @cuda.jit(device=True, inline="always")
     def advance_word_taps(word_r, word_s, stage_r, stage_s, S):
@@ -1375,15 +1386,8 @@ def _build(p, q, config, out, conv, mma, epilogue=None, word_taps=False):
                         advance_word_taps(word_r, word_s, stage_r, stage_s, S)
                     else:
                         tap_at = int32(int32(tap_r * W + tap_s) * cwords + c_word)
-                        base_bytes = int32(base << 2)
-                        for c in range(B_COPIES):
-                            if B_WHOLE or b_dst[c] >= 0:
-                                ih = int32(b_ih0[c] + tap_r)
-                                iw = int32(b_iw0[c] + tap_s)
-                                live = step_live and inside(ih, iw, H, W)
-                                src = int32(b_pixel[c] * cwords + tap_at)
-                                cp_async_16(smem, int32(b_dst[c] + base_bytes), b_words, src if live else int32(0),
-                                            16 if live else 0)
+                        gather_chunk(smem, int32(base << 2), b_words, b_dst, b_pixel, b_ih0, b_iw0, tap_r, tap_s, tap_at,
+                                     step_live, H, W, cwords)
                         c_word = int32(c_word + ROW_WORDS)  # advance this thread's chunk by one stage
                         while c_word >= tap_words:  # (past the last tap: weights are zero there, any pixel will do)
                             c_word = int32(c_word - tap_words)

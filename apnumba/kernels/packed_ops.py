@@ -63,6 +63,16 @@ def store_word(out, rows, cwords, bits, encoding, row, word, lane, pattern, vali
     return store_word_at(out, row * cwords + word, rows * cwords, bits, encoding, lane, pattern, valid)
 
 
+@cuda.jit(device=True, inline="always")
+def requantize_word(t, relu, zero_point, lo, hi, bits, encoding, out, rows, cwords, row, word, lane, valid):
+    """ReLU (relu != 0), then quantize each lane's value ``t`` (already divided by the output scale) and pack
+    the codes into word ``word`` of ``row``; return the word's code sum."""
+    if relu != 0 and not t > 0:
+        t = float32(0)
+    pattern = quantize_scaled(t, zero_point, lo, hi, bits, encoding)
+    return store_word(out, rows, cwords, bits, encoding, row, word, lane, pattern if valid else 0, valid)
+
+
 @functools.lru_cache(maxsize=None)
 def avg_pool_kernel(bits, enc, out_bits, out_enc, kernel_size):
     """Average pooling for one (input precision, output precision, window): compile-time constants, so
@@ -181,10 +191,7 @@ def add_kernel(a, b, rows, C, cwords, params, a_mult, b_mult, out, out_rowsum):
         ca = code_at(a, rows, cwords, params[0], params[1], row, word, lane) - params[2]
         cb = code_at(b, rows, cwords, params[3], params[4], row, word, lane) - params[5]
         t = f32_add_rn(f32_mul_rn(float32(ca), a_mult), f32_mul_rn(float32(cb), b_mult))
-        if relu != 0 and not t > 0:
-            t = float32(0)
-        pattern = quantize_scaled(t, out_zp, lo, hi, out_bits, out_enc)
-        total += store_word(out, rows, cwords, out_bits, out_enc, row, word, lane, pattern if valid else 0, valid)
+        total += requantize_word(t, relu, out_zp, lo, hi, out_bits, out_enc, out, rows, cwords, row, word, lane, valid)
     if lane == 0:
         out_rowsum[row] = total
 
@@ -206,10 +213,7 @@ def requantize_kernel(y, rows, C, cwords, scale, bias, params, out, out_rowsum):
         valid = c < C
         cc = min(c, C - 1)
         t = f32_add_rn(f32_mul_rn(float32(y[row * C + cc]), scale[cc]), bias[cc])
-        if relu != 0 and not t > 0:
-            t = float32(0)
-        pattern = quantize_scaled(t, out_zp, lo, hi, out_bits, out_enc)
-        total += store_word(out, rows, cwords, out_bits, out_enc, row, word, lane, pattern if valid else 0, valid)
+        total += requantize_word(t, relu, out_zp, lo, hi, out_bits, out_enc, out, rows, cwords, row, word, lane, valid)
     if lane == 0:
         out_rowsum[row] = total
 
