@@ -72,7 +72,7 @@ corrections (c_sw, c_sx, c_const), then int32, or float32 ``fadd_rn(fmul_rn(y, s
 
 Persistent tiles (``TileConfig(persistent=True)``, APMM of one plane pass; on an H100 the default for
 two-bit weights) launch as many blocks as fit at once; block b computes output tiles b, b + gridDim.x,
-... (launch order, raster included), with the same copy plan shape::
+... (launch order, raster included), planning each tile's copies as it comes::
 
     tile t:  fill | k-loop .............. | sync | plan + fill tile t+1 | store t (from registers)
     tile t+1:                                      | k-loop (its first stages already landing) ...
