@@ -159,7 +159,7 @@ def apconv(x, w, stride=1, padding=0, *, out=None, scale=None, bias=None, relu=F
 
 
 def prepare_apconv(x, w, stride=1, padding=0, *, out=None, scale=None, bias=None, relu=False, residual=None,
-                   residual_scale=1.0, pool=None, config=None, stream=0):
+                   residual_scale=1.0, pool=None, config=None, stream=0, rowsums=None):
     """Convolve packed NHWC images ``x`` (a PackedTensor with ``image``) by ``w`` (PackedConvWeight).
 
     Output, by ``out``:
@@ -174,7 +174,9 @@ def prepare_apconv(x, w, stride=1, padding=0, *, out=None, scale=None, bias=None
       quantizer (:func:`apnumba.reference.requantize_pool`; floor mode, no residual) and ``out`` has
       N * (OH // 2) * (OW // 2) rows.
     Returns a launch (arguments converted once; calling it launches, and zeroes a packed output's
-    row sums first); ``.out`` is the output, ``.config`` the tile.
+    row sums first where the tile's blocks add into them); ``.out`` is the output, ``.config`` the tile.
+    ``rowsums``: where the blocks add into the row sums, ``out.rowsum = rowsums(rows)`` instead, which
+    the caller zeroes before each launch (a network: all of a pass's such sums with one memset).
     """
     require_gpu()
     if not isinstance(x, PackedTensor) or x.image is None:
@@ -219,7 +221,7 @@ def prepare_apconv(x, w, stride=1, padding=0, *, out=None, scale=None, bias=None
             epi[4:7] = [residual.bits, residual.precision.encoding.code, residual.zero_point]
             epi[8] = residual.kwords
             res_words = residual.words
-        y, y_rowsum = out.words, out.rowsum
+        y = out.words
         out.image = (N, OH // 2, OW // 2) if pool else (N, OH, OW)
     else:
         if relu or residual is not None:
@@ -242,6 +244,11 @@ def prepare_apconv(x, w, stride=1, padding=0, *, out=None, scale=None, bias=None
     dw, dx = reference.operand_coef(w.precision, packing)[1], reference.operand_coef(x.precision, packing)[1]
     ew, ex = dw - w.zero_point, dx - x.zero_point
     whole_rows = M <= cfg.block_m  # one block holds every channel of a pixel: it stores the row sum
+    zero_rowsum = packed and not whole_rows
+    if zero_rowsum and rowsums is not None:
+        out.rowsum, zero_rowsum = rowsums(out.rows), False
+    if packed:
+        y_rowsum = out.rowsum
     levels, thresholds = 0, _dummy(np.int32)
     if packed and residual is None and pool is None:  # (with a fused 2x2 max pool they measured slower: VGG
         levels, thresholds = _thresholds(scale, bias, K, out, relu)  # conv2 at batch 256, +3-14%)
@@ -257,7 +264,7 @@ def prepare_apconv(x, w, stride=1, padding=0, *, out=None, scale=None, bias=None
     )
 
     def launch():
-        if packed and not whole_rows:  # the blocks of a pixel add their row sums atomically
+        if zero_rowsum:  # the blocks of a pixel add their row sums atomically
             zero_fill(out.rowsum, stream or cuda.default_stream())
         bound()
 

@@ -56,15 +56,17 @@ def _pool_shape(x, kernel_size, stride, padding):
     return (N, H, W), stride, (N, OH, OW)
 
 
-def _pool(x, out, kernel_size, stride, padding, out_image, stream, avg_multiplier=None):
+def _pool(x, out, kernel_size, stride, padding, out_image, stream, avg_multiplier=None, zero_rowsum=True):
     """Pool x into out.  Max (no ``avg_multiplier``): the bit-sliced kernel, one thread per output word;
-    average: one warp per output word.  Both add each word's code sum to the zeroed row sums."""
+    average: one warp per output word.  Both add each word's code sum to the row sums, zeroed first
+    (``zero_rowsum=False``: by the caller, before the launch)."""
     (N, H, W), (_, OH, OW) = x.image, out_image
     out.require_bits("out", "pooling")
     out.image = out_image
     geometry = _i32([N, H, W, x.K, kernel_size, stride, padding, OH, OW, x.kwords])
     stream = stream or cuda.default_stream()
-    zero_fill(out.rowsum, stream)
+    if zero_rowsum:
+        zero_fill(out.rowsum, stream)
     words = N * OH * OW * -(-x.K // 32)
     enc = x.precision.encoding.code
     if avg_multiplier is None:
@@ -77,7 +79,7 @@ def _pool(x, out, kernel_size, stride, padding, out_image, stream, avg_multiplie
     return out
 
 
-def max_pool2d(x, kernel_size, stride=None, padding=0, out=None, stream=0):
+def max_pool2d(x, kernel_size, stride=None, padding=0, out=None, stream=0, zero_rowsum=True):
     """torch.nn.MaxPool2d on packed codes (the maximum code is the maximum value: scales are positive)."""
     require_gpu()
     _, stride, (N, OH, OW) = _pool_shape(x, kernel_size, stride, padding)
@@ -85,10 +87,10 @@ def max_pool2d(x, kernel_size, stride=None, padding=0, out=None, stream=0):
         out = PackedTensor.empty((N * OH * OW, x.K), x.precision, x.scale[0], x.zero_point)
     if out.precision != x.precision or out.zero_point != x.zero_point or out.shape != (N * OH * OW, x.K):
         raise ValueError(f"out: max pooling keeps the precision: expected {x.precision} {(N * OH * OW, x.K)}")
-    return _pool(x, out, kernel_size, stride, padding, (N, OH, OW), stream)
+    return _pool(x, out, kernel_size, stride, padding, (N, OH, OW), stream, zero_rowsum=zero_rowsum)
 
 
-def avg_pool2d(x, kernel_size, stride=None, padding=0, out=None, stream=0):
+def avg_pool2d(x, kernel_size, stride=None, padding=0, out=None, stream=0, zero_rowsum=True):
     """torch.nn.AvgPool2d (count_include_pad) into ``out``'s precision and scale (default: x's).
 
     ``code = quantize(float32(window sum of x - zx) * float32(sx / (k*k*so)), out, 1, zo)`` - reference.avg_pool_codes.
@@ -102,7 +104,8 @@ def avg_pool2d(x, kernel_size, stride=None, padding=0, out=None, stream=0):
     if out.shape != (N * OH * OW, x.K):
         raise ValueError(f"out: expected shape {(N * OH * OW, x.K)}, got {out.shape}")
     multiplier = float(x.scale[0]) / (kernel_size * kernel_size * float(out.scale[0]))
-    return _pool(x, out, kernel_size, stride, padding, (N, OH, OW), stream, avg_multiplier=multiplier)
+    return _pool(x, out, kernel_size, stride, padding, (N, OH, OW), stream, avg_multiplier=multiplier,
+                 zero_rowsum=zero_rowsum)
 
 
 def add(a, b, out, relu=False, stream=0):
@@ -131,7 +134,8 @@ def check_flattenable(precision, zero_point):
 def flatten(x, out=None, stream=0):
     """NHWC images (N*H*W rows of C channels) -> N rows of H*W*Cp features, without moving a bit.
 
-    ``out``: a previous flatten of the same ``x`` (a network reuses it): only its row sums are recomputed.
+    ``out``: a previous flatten of the same ``x`` (a network reuses it): only its row sums are recomputed
+    (a 1x1 image's - a global pooling's output - are x's own: nothing is launched).
 
     The features are in (h, w, c) order with each pixel's channels padded to Cp = 32 * cwords
     (zero bits); a fully connected layer after it packs its weights the same way
@@ -144,8 +148,10 @@ def flatten(x, out=None, stream=0):
     pixels = H * W
     if out is None:
         words = x.words.reshape(x.bits, N, pixels * x.kwords)
-        out = PackedTensor(words, cuda.device_array(N, np.int32), (N, pixels * x.kwords * 32), x.precision,
-                           x.scale[0], x.zero_point)
+        rowsum = x.rowsum if pixels == 1 else cuda.device_array(N, np.int32)
+        out = PackedTensor(words, rowsum, (N, pixels * x.kwords * 32), x.precision, x.scale[0], x.zero_point)
+    if out.rowsum is x.rowsum:
+        return out
     K.image_rowsum_kernel[-(-N // 128), 128, stream or cuda.default_stream()](x.rowsum, pixels, N, out.rowsum)
     return out
 

@@ -443,7 +443,7 @@ def test_network_rejects_bad_inputs():
 
 def test_layer_times_and_a_saved_model_run(rng, tmp_path):
     from apnumba.layers import Network, load, save
-    from apnumba.layers.models import tiny_vgg
+    from apnumba.layers.models import tiny_resnet, tiny_vgg
 
     model = tiny_vgg("w2a2")
     save(model, tmp_path / "m.npz")
@@ -453,6 +453,12 @@ def test_layer_times_and_a_saved_model_run(rng, tmp_path):
     times = net.layer_times(repeats=3)
     assert [name for name, _, _ in times] == [s.name for s in net.steps]
     assert all(us > 0 for _, us, _ in times)
+    net = Network(tiny_resnet("w1a2"), (2, 3, 16, 16)).capture()  # a side-stream downsample, timed alone
+    assert any(s.side for s in net.steps)
+    times = {name.split(":")[-1]: us for name, us, _ in net.layer_times(repeats=3)}
+    assert times.pop("Flatten") == 0.0 and all(us > 0 for us in times.values())  # a 1x1 flatten launches nothing
+    x = rng.standard_normal((2, 3, 16, 16)).astype(np.float32)
+    assert (net.forward(x).copy_to_host() == net.reference(x)).all()
 
 
 # ---------------------------------------------------------------- imported torch models (issue 6)

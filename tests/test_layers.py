@@ -205,6 +205,23 @@ def test_an_8bit_last_layer_reads_code_bytes():
         assert all(s.src.packing == "bits" for s in net.steps[2:]), [(s.name, s.src.packing) for s in net.steps]
 
 
+def test_downsamples_run_beside_the_first_conv():
+    """A BasicBlock's downsample conv is planned first, on the side stream (it needs only the block's input),
+    and its block's conv2 - the one that reads the shortcut - joins it; nothing else leaves the main stream."""
+    from apnumba.layers import Network
+
+    net = Network(resnet18("w1a2"), (1, 3, 224, 224), device="cpu")
+    names = [s.name for s in net.steps]
+    side = [i for i, s in enumerate(net.steps) if s.side]
+    assert [names[i] for i in side] == [n for n in names if n.endswith(".downsample")] and len(side) == 3
+    for i in side:
+        block = names[i].rsplit(".", 1)[0]
+        assert names[i + 1:i + 3] == [f"{block}.conv1", f"{block}.conv2"]
+        assert net.steps[i].src is net.steps[i + 1].src  # both read the block's input
+        assert net.steps[i + 2].join and not net.steps[i + 1].join
+    assert sum(s.join for s in net.steps) == 3
+
+
 def test_a_cpu_plan_checks_like_a_gpu_plan():
     from apnumba.layers import Flatten, Network, PlanError, Sequential
 

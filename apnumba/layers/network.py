@@ -8,8 +8,13 @@ Planning walks the layers and turns them into steps, each one launch (or a view)
                       MaxPool2d and the next layer's quantizer are folded into its epilogue, which packs
                       bit planes, or code bytes where the next layer runs on int8 (an 8-bit last layer);
                       the last layer writes float32
-    BasicBlock        conv1 (+BN, ReLU) ; [downsample conv (+BN)] ; conv2 (+BN, + shortcut, ReLU)
+    BasicBlock        [downsample conv (+BN)] ; conv1 (+BN, ReLU) ; conv2 (+BN, + shortcut, ReLU) - the
+                      downsample on a second stream, beside conv1 (small grids share the GPU); conv2 waits for both
     MaxPool2d / AvgPool2d / Flatten    the packed-tensor ops (other pools; Flatten is a view)
+
+Kernels that add into their output's row sums (pooling, convolutions whose pixels span several blocks)
+take them from one ``RowSumArena``, zeroed once at the start of a pass on the side stream (beside the
+input's quantization) - not a memset before each.
 
 Every step also has its numpy twin built from the same float32 epilogue constants, so
 :meth:`Network.reference` computes the logits the GPU must produce, bit for bit (integer pipeline)
@@ -24,7 +29,7 @@ from numba import cuda
 
 from .. import ops, reference
 from ..conv import PackedConvWeight, prepare_apconv
-from ..device import is_device_array, require_gpu
+from ..device import is_device_array, require_gpu, zero_fill
 from ..graph import CudaGraph, gpu_time_per_call
 from ..packed import PackedTensor
 from ..precision import quantize
@@ -40,6 +45,35 @@ class Step:
     out: object  # the tensor it writes
     ops: float = 0.0  # logical ops (2 * MACs) of a product
     extra: dict = field(default_factory=dict)
+    side: bool = False  # launches on the side stream, forked from the main one where the pass stands
+    join: bool = False  # the main stream first waits for the side stream's last step
+
+
+class RowSumArena:
+    """The row sums of a pass's outputs that kernels add into (pools; convolutions whose pixels span
+    several blocks), handed out from a few int32 buffers so that one memset a buffer at the start of a
+    pass zeroes them all (a memset node before each such launch cost ~1 us of graph time: ResNet-18 at
+    batch 8 ran twelve).  Each tensor gets rows of its own: two steps of one pass adding into the same
+    rows would leave their total."""
+
+    CHUNK = 1 << 20  # int32 row sums a buffer (more where one tensor needs more)
+
+    def __init__(self):
+        self.buffers, self.views, self.used = [], [], 0
+
+    def take(self, rows):
+        """A zero-at-each-pass int32 (rows,) device view of its own."""
+        if not self.buffers or self.used + rows > self.buffers[-1].size:
+            self.buffers.append(cuda.device_array(max(rows, self.CHUNK), np.int32))
+            self.used = 0
+        view = self.buffers[-1][self.used:self.used + rows]
+        self.used += rows
+        self.views.append(view)
+        return view
+
+    def zero(self, stream):
+        for buffer in self.buffers:
+            zero_fill(buffer, stream)
 
 
 class PlanError(ValueError):
@@ -89,10 +123,13 @@ class Network:
         self.steps = []
         if self.on_gpu:
             self.stream = stream or cuda.stream()
+            self.side_stream = cuda.stream()
+            self._fork, self._join = cuda.event(), cuda.event()  # (in a captured pass: graph edges)
             self._check_memory()
             self.input = cuda.device_array(self.input_shape, np.float32)
         else:
-            self.stream, self.input = None, PlannedTensor(self.input_shape, None)
+            self.stream = self.side_stream = None
+            self.input = PlannedTensor(self.input_shape, None)
         self._plan()
         self._graph = None
 
@@ -119,6 +156,7 @@ class Network:
             raise PlanError(f"layer 0 (Conv2d): expects {layers[0].in_channels} input channels, the input has {C}")
         self.cur = None  # (PackedTensor, Act) flowing between steps
         self.flatten_chw = None
+        self.rowsums = RowSumArena()
         i = 0
         while i < len(layers):
             layer = layers[i]
@@ -153,6 +191,13 @@ class Network:
         if isinstance(self.cur, tuple):
             raise PlanError("model: the last layer must be a Conv2d or Linear (it writes the float32 logits)")
         self.logits = self.cur
+        # A pass starts by zeroing the arena on the side stream (beside the input's quantization and the
+        # first product); the main stream's first step that adds into it waits for that (side steps
+        # follow it on their stream).
+        users = [s for s in self.steps
+                 if not s.side and any(getattr(s.out, "rowsum", None) is v for v in self.rowsums.views)]
+        if users:
+            users[0].join = True
 
     @staticmethod
     def _packing_for(consumer, act):
@@ -176,8 +221,10 @@ class Network:
         res = None if residual_act is None else np.float32(residual_act.scale / out_act.scale)
         return (a / out_act.scale).astype(np.float32), (b / out_act.scale).astype(np.float32), res
 
-    def _product(self, layer, bn, relu, final, name, residual=None, pool=False, out_packing="bits"):
-        """One Conv2d / Linear with its folded epilogue; returns the output (PackedTensor, Act)."""
+    def _product(self, layer, bn, relu, final, name, residual=None, pool=False, out_packing="bits", side=False,
+                 join=False):
+        """One Conv2d / Linear with its folded epilogue; returns the output (PackedTensor, Act).  ``side``:
+        it launches on the side stream (Step.side); ``join``: it waits for the side stream first."""
         if final and relu:
             raise PlanError(f"{name}: the last layer writes float32 logits; a ReLU after it is not supported")
         N = self.input_shape[0]
@@ -257,8 +304,10 @@ class Network:
             out = PackedTensor.empty((N * OH * OW, layer.out_channels), out_act.precision, out_act.scale,
                                      out_act.zero_point, packing=out_packing)
             launch = prepare_apconv(x, weight, stride, padding, out=out, scale=scale, bias=bias, relu=relu,
-                                    residual=res_x, residual_scale=float(res_scale or 1.0), stream=self.stream,
-                                    pool="max" if pool else None, config=self.tile)
+                                    residual=res_x, residual_scale=float(res_scale or 1.0),
+                                    stream=self.side_stream if side else self.stream,
+                                    pool="max" if pool else None, config=self.tile,
+                                    rowsums=self.rowsums.take)
         ref = self._ref_product(ref_codes, stride, padding, act, scale, bias, relu, out_act, residual, res_scale, final)
         if pool:
             conv_ref = ref
@@ -266,7 +315,8 @@ class Network:
             def ref(codes, results):  # the unfused order: requantize, then torch's MaxPool2d(2, 2) on the codes
                 return reference.max_pool_codes(conv_ref(codes, results), 2, 2, 0)
         tile = " ".join(filter(None, [launch.config.short() if launch else "", "int8" if packing == "bytes" else ""]))
-        self.steps.append(Step(name, launch, ref, x, out, 2.0 * macs, {"tile": tile}))
+        self.steps.append(Step(name, launch, ref, x, out, 2.0 * macs, {"tile": tile}, side=side,
+                               join=join))
         self.cur = out if final else (out, out_act)
         return self.cur
 
@@ -290,17 +340,16 @@ class Network:
     def _block(self, block, name, final):
         if final:
             raise PlanError(f"{name}: a BasicBlock cannot be the last layer")
-        x, act = self.cur
-        identity = (x, act)
-        h = self._product(block.conv1, block.bn1, True, False, f"{name}.conv1")
-        if block.downsample is not None:
-            self.cur = identity
+        identity = self.cur
+        shortcut = identity
+        if block.downsample is not None:  # first, on the side stream: it needs only the block's input
             conv, bn = block.downsample.layers
-            shortcut = self._product(conv, bn, False, False, f"{name}.downsample")
-        else:
-            shortcut = identity
+            shortcut = self._product(conv, bn, False, False, f"{name}.downsample", side=True)
+            self.cur = identity
+        h = self._product(block.conv1, block.bn1, True, False, f"{name}.conv1")
         self.cur = h
-        self._product(block.conv2, block.bn2, True, False, f"{name}.conv2", residual=shortcut)
+        self._product(block.conv2, block.bn2, True, False, f"{name}.conv2", residual=shortcut,
+                      join=block.downsample is not None)
 
     def _pool(self, layer, name):
         x, act = self.cur
@@ -313,7 +362,8 @@ class Network:
                    if self.on_gpu else PlannedTensor((N * OH * OW, x.K), act.precision, act.zero_point, (N, OH, OW)))
 
             def run():
-                ops.max_pool2d(x, layer.kernel_size, layer.stride, layer.padding, out=out, stream=self.stream)
+                ops.max_pool2d(x, layer.kernel_size, layer.stride, layer.padding, out=out, stream=self.stream,
+                               zero_rowsum=False)
 
             def ref(codes, results):
                 return reference.max_pool_codes(codes, layer.kernel_size, layer.stride, layer.padding)
@@ -324,7 +374,8 @@ class Network:
                                                      (N, OH, OW)))
 
             def run():
-                ops.avg_pool2d(x, layer.kernel_size, layer.stride, layer.padding, out=out, stream=self.stream)
+                ops.avg_pool2d(x, layer.kernel_size, layer.stride, layer.padding, out=out, stream=self.stream,
+                               zero_rowsum=False)
 
             multiplier = np.float32(act.scale / (layer.kernel_size ** 2 * out_act.scale))
 
@@ -332,6 +383,7 @@ class Network:
                 return reference.avg_pool_codes(codes, layer.kernel_size, layer.stride, layer.padding, act.precision,
                                                 act.zero_point, multiplier, out_act.precision, out_act.zero_point)
         if self.on_gpu:
+            out.rowsum = self.rowsums.take(out.rows)
             run()
         self.steps.append(Step(name, run, ref, x, out))
         self.cur = (out, out_act)
@@ -349,14 +401,16 @@ class Network:
         else:
             flat = PlannedTensor((N, H * W * 32 * -(-x.K // 32)), x.precision, x.zero_point)
         flat.image = (N, 1, 1)
+        view = H * W == 1  # a global pooling's output: the row sums are x's own, nothing to launch
 
         def run():
-            ops.flatten(x, out=flat, stream=self.stream)
+            if not view:
+                ops.flatten(x, out=flat, stream=self.stream)
 
         def ref(codes, results):
             return codes.transpose(0, 3, 1, 2).reshape(codes.shape[0], 1, 1, -1)  # torch's (c, h, w) order
 
-        self.steps.append(Step(name, run, ref, x, flat))
+        self.steps.append(Step(name, run, ref, x, flat, extra={"launches": not view}))
         self.cur = (flat, act)
 
     # ---------------------------------------------------------------- the numpy twins
@@ -430,13 +484,35 @@ class Network:
         if self._graph is not None:
             self._graph.replay()
         else:
-            for step in self.steps:
-                step.run()
+            self._run(self.steps)
         if sync:
             self.stream.synchronize()
         return self.logits.reshape(self.input_shape[0], -1)
 
     __call__ = forward
+
+    def _run(self, steps, alone=False):
+        """Launch ``steps`` on the network's streams: a side step after the main stream's launches so far
+        (the fork event), a joining step after the side stream's (the join event).  A whole pass first
+        zeroes the row-sum arena on the side stream.  ``alone``: a step timed by itself - a side step is
+        joined back at once, and nothing is zeroed (its sums grow; the next pass zeroes them)."""
+        if not alone and self.rowsums.buffers:
+            self._fork.record(self.stream)
+            self._fork.wait(self.side_stream)
+            self.rowsums.zero(self.side_stream)
+            self._join.record(self.side_stream)
+        for step in steps:
+            if step.side:
+                self._fork.record(self.stream)
+                self._fork.wait(self.side_stream)
+                step.run()
+                self._join.record(self.side_stream)
+                if alone:
+                    self._join.wait(self.stream)
+            else:
+                if step.join and not alone:
+                    self._join.wait(self.stream)
+                step.run()
 
     def _require_gpu_plan(self, what):
         if not self.on_gpu:
@@ -445,21 +521,25 @@ class Network:
     def capture(self):
         """Record one forward pass (without the input copy) as a CUDA graph; later passes replay it."""
         self._require_gpu_plan("capture")
-        for step in self.steps:  # warm: everything compiled and allocated before the capture
-            step.run()
+        self._run(self.steps)  # warm: everything compiled and allocated before the capture
         self.stream.synchronize()
-        with CudaGraph(self.stream) as graph:
-            for step in self.steps:
-                step.run()
+        with CudaGraph(self.stream) as graph:  # the side stream's launches join it through the events
+            self._run(self.steps)
         self._graph = graph
         return self
 
     def layer_times(self, repeats=10):
         """GPU microseconds of each step: ``repeats`` calls of the step alone captured in a CUDA graph,
-        replayed and timed by events (so Python dispatch is not counted); [(name, us, logical ops)]."""
+        replayed and timed by events (so Python dispatch is not counted); [(name, us, logical ops)].
+        A step that launches nothing (the flatten of 1x1 images) takes 0."""
         self._require_gpu_plan("layer_times")
-        return [(step.name, gpu_time_per_call(self.stream, step.run, calls=repeats, replays=3), step.ops)
-                for step in self.steps]
+
+        def us(step):
+            if not step.extra.get("launches", True):
+                return 0.0
+            return gpu_time_per_call(self.stream, lambda: self._run([step], alone=True), calls=repeats, replays=3)
+
+        return [(step.name, us(step), step.ops) for step in self.steps]
 
     def reference(self, x, intermediates=False):
         """The logits the GPU must produce, from numpy (same codes, same float32 epilogue constants).

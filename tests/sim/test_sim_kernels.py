@@ -249,20 +249,22 @@ def test_pooling_and_add(rng, prec, zp):
     check_pooling_and_add(rng, (1, 4, 5, 40), Precision.parse(prec), zp)
 
 
-def test_flatten_then_linear(rng):
+@pytest.mark.parametrize("side", [3, 1])  # 1: a global pooling's output, whose row sums the flatten shares
+def test_flatten_then_linear(rng, side):
     """conv output -> flatten (a view) -> fully connected layer with weights in the flatten order."""
 
     from apnumba import ops, reference as R
     from apnumba.matmul import apmm
     from apnumba.packed import PackedTensor
 
-    x = R.random_codes(rng, (2, 3, 3, 40), Precision.parse("u2"))
+    x = R.random_codes(rng, (2, side, side, 40), Precision.parse("u2"))
     X = PackedTensor.from_codes(x, "u2")
     flat = ops.flatten(X)
-    w = R.random_codes(rng, (16, 40 * 9), Precision.parse("b1"))  # torch order (c, h, w)
-    W = PackedTensor.from_codes(R.flatten_weight_columns(w, 40, 3, 3, "b1"), "b1")
-    y = apmm(W, flat, config=TileConfig(1, 1, 1, 2, 2)).copy_to_host()
     torch_flat = x.transpose(0, 3, 1, 2).reshape(2, -1)  # NCHW flatten
+    assert (flat.rowsum_host() == torch_flat.sum(axis=1)).all()
+    w = R.random_codes(rng, (16, 40 * side * side), Precision.parse("b1"))  # torch order (c, h, w)
+    W = PackedTensor.from_codes(R.flatten_weight_columns(w, 40, side, side, "b1"), "b1")
+    y = apmm(W, flat, config=TileConfig(1, 1, 1, 2, 2)).copy_to_host()
     assert (y == R.matmul_int(w, torch_flat)).all()
 
 
